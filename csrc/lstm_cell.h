@@ -1,0 +1,111 @@
+// LSTM cell: argument checks and the per-row gate math shared by the CPU cell and layer kernels.
+#pragma once
+#include <ATen/ATen.h>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include "checks.h"
+
+namespace fastseq2seq {
+
+// input [B, I], hx/cx [B, H], w_ih [4H, I], w_hh [4H, H], biases [4H]; same device and dtype.
+inline void check_lstm_cell_args(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  check_rank(input, "input", 2);
+  check_rank(hx, "hx[0]", 2);
+  check_rank(cx, "hx[1]", 2);
+  check_rank(w_ih, "w_ih", 2);
+  check_rank(w_hh, "w_hh", 2);
+  const int64_t B = input.size(0), I = input.size(1), H = hx.size(1);
+  check_float_dtype(input, "input", input.is_cuda());
+  check_shape(hx, "hx[0]", {B, H});
+  check_shape(cx, "hx[1]", {B, H});
+  check_shape(w_ih, "w_ih", {4 * H, I});
+  check_shape(w_hh, "w_hh", {4 * H, H});
+  check_like(hx, "hx[0]", input, "input");
+  check_like(cx, "hx[1]", input, "input");
+  check_like(w_ih, "w_ih", input, "input");
+  check_like(w_hh, "w_hh", input, "input");
+  FS2S_CHECK_ARG(b_ih.has_value() == b_hh.has_value(), "b_ih", "b_ih and b_hh must be given together");
+  if (b_ih.has_value()) {
+    check_shape(*b_ih, "b_ih", {4 * H});
+    check_shape(*b_hh, "b_hh", {4 * H});
+    check_like(*b_ih, "b_ih", input, "input");
+    check_like(*b_hh, "b_hh", input, "input");
+  }
+}
+
+// Branch-free so that GCC vectorizes the row loops below; within 2 ulp of expf over the clamped range.
+inline float exp_approx(float x) {
+  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to nearest, vectorizably
+  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  __builtin_memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(n) << 23;
+  __builtin_memcpy(&p, &bits, 4);
+  return p;
+}
+inline double exp_approx(double x) { return std::exp(x); }  // fp64 serves gradcheck: keep it exact
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + exp_approx(-x)); }
+template <typename T>
+inline T tanh_fast(T x) { return T(2) * sigmoid(T(2) * x) - T(1); }
+
+// One batch row of the fused forward. gates holds x W_ih^T + h W_hh^T on entry and the activated
+// gates (i, f, g, o) on exit: the backward needs nothing else.
+template <typename T>
+inline void lstm_cell_fwd_row(T* __restrict gates, const T* __restrict b_ih, const T* __restrict b_hh,
+                              const T* __restrict c_prev, T* __restrict c, T* __restrict h, int64_t H) {
+  T* gi = gates;
+  T* gf = gates + H;
+  T* gg = gates + 2 * H;
+  T* go = gates + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    T bi = 0, bf = 0, bg = 0, bo = 0;
+    if (b_ih) {
+      bi = b_ih[j] + b_hh[j];
+      bf = b_ih[H + j] + b_hh[H + j];
+      bg = b_ih[2 * H + j] + b_hh[2 * H + j];
+      bo = b_ih[3 * H + j] + b_hh[3 * H + j];
+    }
+    const T i = sigmoid(gi[j] + bi), f = sigmoid(gf[j] + bf), g = tanh_fast(gg[j] + bg), o = sigmoid(go[j] + bo);
+    const T cj = f * c_prev[j] + i * g;
+    gi[j] = i;
+    gf[j] = f;
+    gg[j] = g;
+    go[j] = o;
+    c[j] = cj;
+    h[j] = o * tanh_fast(cj);
+  }
+}
+
+// One batch row of the fused backward: gradients w.r.t. the pre-activation gates and c_prev.
+template <typename T>
+inline void lstm_cell_bwd_row(const T* __restrict gates, const T* __restrict c_prev, const T* __restrict c,
+                              const T* __restrict grad_h, const T* __restrict grad_c, T* __restrict grad_gates,
+                              T* __restrict grad_c_prev, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
+    const T tc = tanh_fast(c[j]);
+    const T dc = grad_c[j] + grad_h[j] * o * (T(1) - tc * tc);
+    grad_gates[j] = dc * g * i * (T(1) - i);
+    grad_gates[H + j] = dc * c_prev[j] * f * (T(1) - f);
+    grad_gates[2 * H + j] = dc * i * (T(1) - g * g);
+    grad_gates[3 * H + j] = grad_h[j] * tc * o * (T(1) - o);
+    grad_c_prev[j] = dc * f;
+  }
+}
+
+}  // namespace fastseq2seq

@@ -1,0 +1,137 @@
+import pytest
+import torch
+from conftest import assert_close, backend_cases, interpreted_triton
+
+import fastseq2seq
+from fastseq2seq.ops import lstm_cell, lstm_cell_reference
+
+SHAPES = [(1, 1, 1), (3, 5, 37), (2, 130, 257), (17, 16, 64)]  # (B, I, H): sizes off every block size
+
+
+def make_inputs(B, I, H, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scale = H ** -0.5
+
+    def rand(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(device=device, dtype=dtype)
+
+    args = [rand(B, I), rand(B, H), rand(B, H), rand(4 * H, I, s=scale), rand(4 * H, H, s=scale)]
+    args += [rand(4 * H, s=scale), rand(4 * H, s=scale)] if bias else [None, None]
+    return args
+
+
+def run(args, backend):
+    x, h, c, w_ih, w_hh, b_ih, b_hh = args
+    return lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh, backend=backend)
+
+
+def forward_backward(args, backend):
+    """Outputs and the gradients of every input under a random upstream gradient."""
+    args = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    h, c = run(args, backend)
+    g = torch.Generator().manual_seed(1)
+    grad_h = torch.randn(h.shape, generator=g, dtype=torch.float64).to(h)
+    grad_c = torch.randn(c.shape, generator=g, dtype=torch.float64).to(c)
+    torch.autograd.backward((h, c), (grad_h, grad_c))
+    return (h, c), [a.grad for a in args if a is not None]
+
+
+NAMES = ["input", "h", "c", "w_ih", "w_hh", "b_ih", "b_hh"]
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+@pytest.mark.parametrize("B,I,H", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(backend, device, dtype, B, I, H, bias):
+    args = make_inputs(B, I, H, dtype, device, bias)
+    outs, grads = forward_backward(args, backend)
+    ref_outs, ref_grads = forward_backward([a.double() if a is not None else None for a in args], "reference")
+    for name, out, ref in zip(("h", "c"), outs, ref_outs):
+        assert out.dtype == dtype and out.device.type == torch.device(device).type
+        assert_close(out, ref, dtype, device, name)
+    for name, grad, ref in zip(NAMES, grads, ref_grads):
+        # weight and bias gradients sum over the batch
+        assert_close(grad, ref, dtype, device, f"grad {name}", scale=1.0 if name in ("input", "h", "c") else B ** 0.5)
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if interpreted_triton() else []))
+def test_gradcheck_float64(backend):
+    args = [a.requires_grad_() for a in make_inputs(3, 4, 5, torch.float64, "cpu")]
+    assert torch.autograd.gradcheck(lambda *a: run(a, backend), args)
+
+
+def fused_ops():
+    ops = [torch.ops.fastseq2seq.lstm_cell_fwd.default] if "cpu" in fastseq2seq.available_backends("cpu") else []
+    if interpreted_triton():
+        ops.append(torch.ops.fastseq2seq.lstm_cell_fwd_triton.default)
+    return ops
+
+
+@pytest.mark.parametrize("op", fused_ops(), ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(op, bias):
+    args = [a.requires_grad_() if a is not None else None for a in make_inputs(4, 6, 9, torch.float32, "cpu", bias)]
+    torch.library.opcheck(op, tuple(args))
+
+
+def test_torch_compile_fullgraph():
+    args = make_inputs(4, 6, 9, torch.float32, "cpu")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: run(a, None), fullgraph=True)
+    for out, ref in zip(compiled(*args), run(args, None)):
+        torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+def test_noncontiguous_and_expanded_inputs(backend, device, dtype):
+    B, I, H = 3, 6, 9
+    x, h, c, w_ih, w_hh, b_ih, b_hh = make_inputs(B, I, H, dtype, device)
+    x_strided = torch.cat([x, x], dim=1)[:, ::2]  # same values as x, stride 2
+    x_strided.copy_(x)
+    h_expanded = h[:1].expand(B, H)
+    w_hh_t = w_hh.t().contiguous().t()  # column-major weights
+    out = lstm_cell(x_strided, (h_expanded, c), w_ih, w_hh_t, b_ih, b_hh, backend=backend)
+    ref = lstm_cell_reference(x.double(), (h[:1].expand(B, H).double(), c.double()), w_ih.double(), w_hh.double(),
+                              b_ih.double(), b_hh.double())
+    for o, r in zip(out, ref):
+        assert_close(o, r, dtype, device)
+
+
+def all_backends_here():
+    return [b for b in fastseq2seq.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", all_backends_here())
+@pytest.mark.parametrize("mutate,arg", [
+    (lambda a: a.__setitem__(0, a[0][0]), "input"),                      # wrong rank
+    (lambda a: a.__setitem__(1, a[1][:2]), "hx[0]"),                     # mismatched B
+    (lambda a: a.__setitem__(2, a[2][:, :4]), "hx[1]"),                  # mismatched H
+    (lambda a: a.__setitem__(3, a[3][:-1]), "w_ih"),                     # not 4H rows
+    (lambda a: a.__setitem__(4, a[4][:, :-1]), "w_hh"),
+    (lambda a: a.__setitem__(5, a[5][:-1]), "b_ih"),
+    (lambda a: a.__setitem__(6, None), "b_ih"),                          # one bias only
+    (lambda a: a.__setitem__(3, a[3].double()), "w_ih"),                 # mixed dtypes
+    (lambda a: a.__setitem__(2, a[2].to("meta")), "hx[1]"),              # mixed devices
+])
+def test_bad_input_names_the_argument(backend, mutate, arg):
+    args = make_inputs(3, 4, 5, torch.float32, "cpu")
+    mutate(args)
+    with pytest.raises((ValueError, RuntimeError), match=f"'{arg}'".replace("[", r"\[").replace("]", r"\]")):
+        run(args, backend)
+
+
+def test_hx_none_means_zeros():
+    x, h, c, w_ih, w_hh, b_ih, b_hh = make_inputs(2, 3, 4, torch.float64, "cpu")
+    zeros = torch.zeros_like(h)
+    for o, r in zip(lstm_cell(x, None, w_ih, w_hh, b_ih, b_hh), lstm_cell_reference(x, (zeros, zeros), w_ih, w_hh,
+                                                                                     b_ih, b_hh)):
+        torch.testing.assert_close(o, r)
+
+
+def test_reference_matches_torch_lstm_cell():
+    cell = torch.nn.LSTMCell(6, 11, dtype=torch.float64)
+    x, h, c = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 11, dtype=torch.float64), torch.randn(
+        4, 11, dtype=torch.float64)
+    for o, r in zip(lstm_cell_reference(x, (h, c), cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh),
+                    cell(x, (h, c))):
+        torch.testing.assert_close(o, r)
