@@ -151,6 +151,8 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(bwd_op):
     def backward(ctx, grad_context, grad_weights, _grad_lse):
         query, keys, values, mask, v, lse = ctx.saved_tensors
+        if grad_weights is not None and grad_weights.numel() == 0:
+            grad_weights = None  # the empty placeholder of weights not returned, materialized by AOT autograd
         if grad_context is None:  # only the weights were used
             grad_context = query.new_zeros(*query.shape[:2], values.shape[2])
         grad_query, grad_keys, grad_values, grad_v = bwd_op(grad_context, grad_weights, query, keys, values, mask,
