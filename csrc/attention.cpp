@@ -15,61 +15,141 @@ namespace {
 
 // Scores held at once: the running softmax rescales the context accumulator once per tile, not per position.
 constexpr int64_t kTileS = 64;
+constexpr int64_t kPartials = 32;
 
-template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+// The extension is compiled for baseline x86-64 (SSE2). The row loops below are always inlined into two
+// entry points, one of them compiled for AVX2+FMA and chosen at run time when the CPU has it.
+#define FS2S_ROW_INLINE [[gnu::always_inline]] inline
+#if defined(__x86_64__)
+#define FS2S_TARGET_AVX2 __attribute__((target("avx2,fma")))
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#else
+#define FS2S_TARGET_AVX2
+bool cpu_has_avx2() { return false; }
+#endif
+
+// sum over i < n of term(i), in independent partial sums: one running sum would wait on each add's latency.
+template <typename T, typename Term>
+FS2S_ROW_INLINE T sum_of(int64_t n, Term term) {
+  T partial[kPartials] = {};
+  int64_t i = 0;
+  for (; i + kPartials <= n; i += kPartials)
+#pragma omp simd
+    for (int64_t j = 0; j < kPartials; ++j) partial[j] += term(i + j);
   T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += term(i);
+  for (int64_t j = 0; j < kPartials; ++j) sum += partial[j];
   return sum;
 }
 
 template <typename T>
-inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
+FS2S_ROW_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  return sum_of<T>(n, [&](int64_t i) { return a[i] * b[i]; });
+}
+
+template <typename T>
+FS2S_ROW_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
 // Dot: q . k; additive (v given): v . tanh(q + k), one element of the [S, D] tanh at a time.
 template <typename T>
-inline T score(const T* __restrict q, const T* __restrict k, const T* __restrict v, int64_t D) {
+FS2S_ROW_INLINE T score(const T* __restrict q, const T* __restrict k, const T* __restrict v, int64_t D) {
   if (!v) return dot(q, k, D);
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < D; ++d) sum += v[d] * tanh_fast(q[d] + k[d]);
-  return sum;
+  return sum_of<T>(D, [&](int64_t d) { return v[d] * tanh_vectorizable(q[d] + k[d]); });
+}
+
+// Four dot products with one q at once: each load of q serves four keys, and the four sums are independent.
+template <typename T>
+FS2S_ROW_INLINE void dot4(const T* __restrict q, const T* __restrict k0, const T* __restrict k1,
+                          const T* __restrict k2, const T* __restrict k3, int64_t n, T* out) {
+  constexpr int64_t kWidth = 8;
+  T s0[kWidth] = {}, s1[kWidth] = {}, s2[kWidth] = {}, s3[kWidth] = {};
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth)
+#pragma omp simd
+    for (int64_t j = 0; j < kWidth; ++j) {
+      const T qj = q[i + j];
+      s0[j] += qj * k0[i + j];
+      s1[j] += qj * k1[i + j];
+      s2[j] += qj * k2[i + j];
+      s3[j] += qj * k3[i + j];
+    }
+  T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+  for (; i < n; ++i) {
+    t0 += q[i] * k0[i];
+    t1 += q[i] * k1[i];
+    t2 += q[i] * k2[i];
+    t3 += q[i] * k3[i];
+  }
+  for (int64_t j = 0; j < kWidth; ++j) {
+    t0 += s0[j];
+    t1 += s1[j];
+    t2 += s2[j];
+    t3 += s3[j];
+  }
+  out[0] = t0, out[1] = t1, out[2] = t2, out[3] = t3;
+}
+
+// Scores of the positions at[0..n).
+template <typename T>
+FS2S_ROW_INLINE void scores_at(const T* q, const T* keys, const T* v, int64_t D, const int64_t* at, int64_t n,
+                               T* out) {
+  int64_t c = 0;
+  if (!v)
+    for (; c + 4 <= n; c += 4)
+      dot4(q, keys + at[c] * D, keys + at[c + 1] * D, keys + at[c + 2] * D, keys + at[c + 3] * D, D, out + c);
+  for (; c < n; ++c) out[c] = score(q, keys + at[c] * D, v, D);
+}
+
+// acc += sum_c p[c] values[at[c]], four rows of values per pass over acc.
+template <typename T>
+FS2S_ROW_INLINE void add_weighted_rows(T* __restrict acc, const T* __restrict values, int64_t Dv, const int64_t* at,
+                                       const T* p, int64_t n) {
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    const T *v0 = values + at[c] * Dv, *v1 = values + at[c + 1] * Dv, *v2 = values + at[c + 2] * Dv,
+            *v3 = values + at[c + 3] * Dv;
+    const T p0 = p[c], p1 = p[c + 1], p2 = p[c + 2], p3 = p[c + 3];
+#pragma omp simd
+    for (int64_t j = 0; j < Dv; ++j) acc[j] += p0 * v0[j] + p1 * v1[j] + p2 * v2[j] + p3 * v3[j];
+  }
+  for (; c < n; ++c) axpy(p[c], values + at[c] * Dv, acc, Dv);
 }
 
 // One query row: context [Dv], lse, and the weights [S] when asked (they hold the raw scores until lse is known).
 template <typename T>
-void attention_fwd_row(const T* q, const T* keys, const T* values, const bool* mask, const T* v, int64_t S,
+FS2S_ROW_INLINE void attention_fwd_row(const T* q, const T* keys, const T* values, const bool* mask, const T* v, int64_t S,
                        int64_t D, int64_t Dv, T* context, T* weights, T* lse, T* acc) {
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  T tile[kTileS];
-  T running_max = kNegInf, running_sum = 0;
+  int64_t real[kTileS];  // the tile's real positions
+  T tile[kTileS];        // their scores, then their unnormalized weights
+  T running_max = -std::numeric_limits<T>::infinity(), running_sum = 0;
   std::fill(acc, acc + Dv, T(0));
   for (int64_t s0 = 0; s0 < S; s0 += kTileS) {
-    const int64_t n = std::min(kTileS, S - s0);
-    T tile_max = kNegInf;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t s = s0 + i;
-      tile[i] = (!mask || mask[s]) ? score(q, keys + s * D, v, D) : kNegInf;
-      tile_max = std::max(tile_max, tile[i]);
+    int64_t n = 0;
+    for (int64_t s = s0; s < std::min(S, s0 + kTileS); ++s)
+      if (!mask || mask[s]) real[n++] = s;
+    if (n == 0) continue;
+    scores_at(q, keys, v, D, real, n, tile);
+    T new_max = running_max;
+    for (int64_t c = 0; c < n; ++c) {
+      new_max = std::max(new_max, tile[c]);
+      if (weights) weights[real[c]] = tile[c];
     }
-    if (weights) std::copy(tile, tile + n, weights + s0);
-    if (tile_max == kNegInf) continue;  // all padding
-    const T new_max = std::max(running_max, tile_max);
-    if (running_max != kNegInf && new_max != running_max) {
-      const T alpha = exp_approx(running_max - new_max);
+    if (new_max != running_max) {  // acc and running_sum are still 0 when running_max is -inf
+      const T alpha = exp_nonpositive(running_max - new_max);
       running_sum *= alpha;
       for (int64_t j = 0; j < Dv; ++j) acc[j] *= alpha;
     }
-    for (int64_t i = 0; i < n; ++i) {
-      if (tile[i] == kNegInf) continue;
-      const T p = exp_approx(tile[i] - new_max);
-      running_sum += p;
-      axpy(p, values + (s0 + i) * Dv, acc, Dv);
+    for (int64_t c = 0; c < n; ++c) {
+      tile[c] = exp_nonpositive(tile[c] - new_max);
+      running_sum += tile[c];
     }
+    add_weighted_rows(acc, values, Dv, real, tile, n);
     running_max = new_max;
   }
   if (running_sum == T(0)) {  // no real position: zeros, and an lse that makes every recomputed weight 0
@@ -82,13 +162,13 @@ void attention_fwd_row(const T* q, const T* keys, const T* values, const bool* m
   for (int64_t j = 0; j < Dv; ++j) context[j] = acc[j] * inv_sum;
   *lse = running_max + std::log(running_sum);
   if (weights)
-    for (int64_t s = 0; s < S; ++s) weights[s] = (!mask || mask[s]) ? exp_approx(weights[s] - *lse) : T(0);
+    for (int64_t s = 0; s < S; ++s) weights[s] = (!mask || mask[s]) ? exp_nonpositive(weights[s] - *lse) : T(0);
 }
 
 // All query rows of one batch element (their key and value gradients add up). Recomputes the weights from lse;
 // p and dp are [S] scratch. grad_keys, grad_values and grad_v_partial are zero on entry.
 template <typename T>
-void attention_bwd_batch(const T* query, const T* keys, const T* values, const bool* mask, const T* v,
+FS2S_ROW_INLINE void attention_bwd_batch(const T* query, const T* keys, const T* values, const bool* mask, const T* v,
                          const T* grad_context, const T* grad_weights, const T* lse, int64_t Tq, int64_t S,
                          int64_t D, int64_t Dv, T* grad_query, T* grad_keys, T* grad_values, T* grad_v_partial, T* p,
                          T* dp) {
@@ -104,7 +184,7 @@ void attention_bwd_batch(const T* query, const T* keys, const T* values, const b
         p[s] = dp[s] = 0;
         continue;
       }
-      p[s] = exp_approx(score(q, keys + s * D, v, D) - lse[t]);
+      p[s] = exp_nonpositive(score(q, keys + s * D, v, D) - lse[t]);
       dp[s] = dot(go, values + s * Dv, Dv) + (grad_weights ? grad_weights[t * S + s] : T(0));
       delta += p[s] * dp[s];
     }
@@ -121,7 +201,7 @@ void attention_bwd_batch(const T* query, const T* keys, const T* values, const b
       }
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
-        const T th = tanh_fast(q[d] + k[d]);
+        const T th = tanh_vectorizable(q[d] + k[d]);
         const T g = ds * v[d] * (T(1) - th * th);
         dq[d] += g;
         dk[d] += g;
@@ -131,7 +211,54 @@ void attention_bwd_batch(const T* query, const T* keys, const T* values, const b
   }
 }
 
-const bool* mask_ptr(const at::Tensor& mask) { return mask.defined() ? mask.const_data_ptr<bool>() : nullptr; }
+template <typename T>
+struct AttentionRows {
+  const T *query, *keys, *values, *v, *grad_context, *grad_weights, *lse;
+  const bool* mask;
+  int64_t Tq, S, D, Dv;
+  T *context, *weights, *out_lse, *grad_query, *grad_keys, *grad_values, *grad_v_partial;
+};
+
+// Forward of query rows r0..r1 (row r = b * Tq + t).
+template <typename T>
+FS2S_ROW_INLINE void attention_fwd_rows(const AttentionRows<T>& a, int64_t r0, int64_t r1) {
+  std::vector<T> acc(a.Dv);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / a.Tq;
+    attention_fwd_row(a.query + r * a.D, a.keys + b * a.S * a.D, a.values + b * a.S * a.Dv,
+                      a.mask ? a.mask + b * a.S : nullptr, a.v, a.S, a.D, a.Dv, a.context + r * a.Dv,
+                      a.weights ? a.weights + r * a.S : nullptr, a.out_lse + r, acc.data());
+  }
+}
+
+// Backward of batch elements b0..b1.
+template <typename T>
+FS2S_ROW_INLINE void attention_bwd_rows(const AttentionRows<T>& a, int64_t b0, int64_t b1) {
+  std::vector<T> p(a.S), dp(a.S);
+  const int64_t Tq = a.Tq, S = a.S, D = a.D, Dv = a.Dv;
+  for (int64_t b = b0; b < b1; ++b)
+    attention_bwd_batch(a.query + b * Tq * D, a.keys + b * S * D, a.values + b * S * Dv,
+                        a.mask ? a.mask + b * S : nullptr, a.v, a.grad_context + b * Tq * Dv,
+                        a.grad_weights ? a.grad_weights + b * Tq * S : nullptr, a.lse + b * Tq, Tq, S, D, Dv,
+                        a.grad_query + b * Tq * D, a.grad_keys + b * S * D, a.grad_values + b * S * Dv,
+                        a.grad_v_partial ? a.grad_v_partial + b * D : nullptr, p.data(), dp.data());
+}
+
+template <typename T>
+void attention_fwd_rows_baseline(const AttentionRows<T>& a, int64_t r0, int64_t r1) { attention_fwd_rows(a, r0, r1); }
+template <typename T>
+FS2S_TARGET_AVX2 void attention_fwd_rows_avx2(const AttentionRows<T>& a, int64_t r0, int64_t r1) {
+  attention_fwd_rows(a, r0, r1);
+}
+template <typename T>
+void attention_bwd_rows_baseline(const AttentionRows<T>& a, int64_t b0, int64_t b1) { attention_bwd_rows(a, b0, b1); }
+template <typename T>
+FS2S_TARGET_AVX2 void attention_bwd_rows_avx2(const AttentionRows<T>& a, int64_t b0, int64_t b1) {
+  attention_bwd_rows(a, b0, b1);
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& query, const at::Tensor& keys,
                                                                  const at::Tensor& values,
@@ -147,19 +274,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tenso
   at::Tensor lse = at::empty({B, Tq}, query.options().dtype(attention_stats_dtype(query.scalar_type())));
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, S * (D + Dv)));
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "attention_fwd_cpu", [&] {
-    const scalar_t *pq = q.const_data_ptr<scalar_t>(), *pk = k.const_data_ptr<scalar_t>(),
-                   *pvals = vals.const_data_ptr<scalar_t>(), *pv = vv.defined() ? vv.const_data_ptr<scalar_t>() : nullptr;
-    const bool* pm = mask_ptr(m);
-    scalar_t *pctx = context.data_ptr<scalar_t>(), *plse = lse.data_ptr<scalar_t>();
-    scalar_t* pw = return_weights ? weights.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B * Tq, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<scalar_t> acc(Dv);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / Tq;
-        attention_fwd_row(pq + r * D, pk + b * S * D, pvals + b * S * Dv, pm ? pm + b * S : nullptr, pv, S, D, Dv,
-                          pctx + r * Dv, pw ? pw + r * S : nullptr, plse + r, acc.data());
-      }
-    });
+    AttentionRows<scalar_t> rows{};
+    rows.query = q.const_data_ptr<scalar_t>();
+    rows.keys = k.const_data_ptr<scalar_t>();
+    rows.values = vals.const_data_ptr<scalar_t>();
+    rows.v = ptr_or_null<scalar_t>(vv);
+    rows.mask = ptr_or_null<bool>(m);
+    rows.Tq = Tq, rows.S = S, rows.D = D, rows.Dv = Dv;
+    rows.context = context.data_ptr<scalar_t>();
+    rows.weights = return_weights ? weights.data_ptr<scalar_t>() : nullptr;
+    rows.out_lse = lse.data_ptr<scalar_t>();
+    const auto run = cpu_has_avx2() ? attention_fwd_rows_avx2<scalar_t> : attention_fwd_rows_baseline<scalar_t>;
+    at::parallel_for(0, B * Tq, grain, [&](int64_t r0, int64_t r1) { run(rows, r0, r1); });
   });
   return {context, weights, lse};
 }
@@ -181,22 +307,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   // Each batch element adds its share of grad_v into its own row: no two threads write one element.
   at::Tensor grad_v_partial = at::zeros({v ? B : 0, D}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "attention_bwd_cpu", [&] {
-    const scalar_t *pq = q.const_data_ptr<scalar_t>(), *pk = k.const_data_ptr<scalar_t>(),
-                   *pvals = vals.const_data_ptr<scalar_t>(), *pgo = go.const_data_ptr<scalar_t>(),
-                   *plse = ls.const_data_ptr<scalar_t>(),
-                   *pv = vv.defined() ? vv.const_data_ptr<scalar_t>() : nullptr,
-                   *pgw = gw.defined() ? gw.const_data_ptr<scalar_t>() : nullptr;
-    const bool* pm = mask_ptr(m);
-    scalar_t *pdq = grad_query.data_ptr<scalar_t>(), *pdk = grad_keys.data_ptr<scalar_t>(),
-             *pdvals = grad_values.data_ptr<scalar_t>(), *pdv = pv ? grad_v_partial.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> p(S), dp(S);
-      for (int64_t b = b0; b < b1; ++b)
-        attention_bwd_batch(pq + b * Tq * D, pk + b * S * D, pvals + b * S * Dv, pm ? pm + b * S : nullptr, pv,
-                            pgo + b * Tq * Dv, pgw ? pgw + b * Tq * S : nullptr, plse + b * Tq, Tq, S, D, Dv,
-                            pdq + b * Tq * D, pdk + b * S * D, pdvals + b * S * Dv, pdv ? pdv + b * D : nullptr,
-                            p.data(), dp.data());
-    });
+    AttentionRows<scalar_t> rows{};
+    rows.query = q.const_data_ptr<scalar_t>();
+    rows.keys = k.const_data_ptr<scalar_t>();
+    rows.values = vals.const_data_ptr<scalar_t>();
+    rows.v = ptr_or_null<scalar_t>(vv);
+    rows.grad_context = go.const_data_ptr<scalar_t>();
+    rows.grad_weights = ptr_or_null<scalar_t>(gw);
+    rows.lse = ls.const_data_ptr<scalar_t>();
+    rows.mask = ptr_or_null<bool>(m);
+    rows.Tq = Tq, rows.S = S, rows.D = D, rows.Dv = Dv;
+    rows.grad_query = grad_query.data_ptr<scalar_t>();
+    rows.grad_keys = grad_keys.data_ptr<scalar_t>();
+    rows.grad_values = grad_values.data_ptr<scalar_t>();
+    rows.grad_v_partial = v ? grad_v_partial.data_ptr<scalar_t>() : nullptr;
+    const auto run = cpu_has_avx2() ? attention_bwd_rows_avx2<scalar_t> : attention_bwd_rows_baseline<scalar_t>;
+    // Rows of one batch element share their keys' and values' gradients: split the work by batch element.
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { run(rows, b0, b1); });
   });
   at::Tensor grad_v = v ? grad_v_partial.sum(0) : at::empty({0}, query.options());
   return {grad_query, grad_keys, grad_values, grad_v};
