@@ -195,7 +195,8 @@ def _dot_type(dtype):
 
 
 def _blocks(D, DV, additive):
-    block_s = 16 if triton_interpreted() or additive else 64
+    # Additive scores hold a [BLOCK_T, BLOCK_S, BLOCK_DK] tanh tile; the interpreter pays per element.
+    block_s = 16 if triton_interpreted() or additive else 32
     block_dk = 16 if additive else min(64, max(16, triton.next_power_of_2(D)))
     return dict(BLOCK_T=BLOCK_T, BLOCK_S=block_s, BLOCK_DK=block_dk, BLOCK_DV=max(16, triton.next_power_of_2(DV)))
 
