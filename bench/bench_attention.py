@@ -115,7 +115,7 @@ def main(argv=None):
     print(f"attention, {args.device}, {dtype}, D=Dv={args.D}")
     table = print_table(rows, [("pass", "pass", "{}"), ("score", "score", "{}"), ("B", "B", "{}"), ("T", "T", "{}"),
                                ("S", "S", "{}"), ("impl", "impl", "{}"), ("median_ms", "median ms", "{:.3f}"),
-                               ("q1_ms", "q1", "{:.3f}"), ("q3_ms", "q3", "{:.3f}"),
+                               ("min_ms", "min", "{:.3f}"), ("q1_ms", "q1", "{:.3f}"), ("q3_ms", "q3", "{:.3f}"),
                                ("vs_eager", "vs eager", "{:.2f}x"), ("peak_mib", "peak MiB", "{:.1f}")])
     if args.json:
         save_json(args.json, args.device, rows, op="attention", dtype=str(dtype), table=table)
