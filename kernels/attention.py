@@ -218,7 +218,7 @@ def attention_fwd(query, keys, values, mask, v, return_weights):
     q, k, vals, mask_u8, v_c, flags = _common(query, keys, values, mask, v)
     context = q.new_empty(B, T, DV)
     weights = q.new_empty(B if return_weights else 0, T, S)
-    lse = q.new_empty(B, T, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = q.new_empty(B, T, dtype=torch.promote_types(q.dtype, torch.float32))  # float32, float64 for float64
     if B * T:
         _attention_fwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
             q, k, vals, mask_u8, v_c, context, weights if return_weights else context, lse, T, S, D, DV,

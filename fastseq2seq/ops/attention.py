@@ -99,10 +99,6 @@ def _check_fused_args(query, keys, values, mask, v, backend):
     check_attention_args(query, keys, values, mask, None, "dot" if v is None else "additive", v, backend)
 
 
-def _stats_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("fastseq2seq::attention_fwd_triton", mutates_args=(), device_types=("cpu", "cuda"))
 def _attention_fwd_triton(query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor], v: Optional[Tensor],
                           return_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,7 +128,7 @@ def _fwd_fake(query, keys, values, mask, v, return_weights):
     B, T, _ = query.shape
     S, Dv = keys.shape[1], values.shape[2]
     return (query.new_empty(B, T, Dv), query.new_empty(B if return_weights else 0, T, S),
-            query.new_empty(B, T, dtype=_stats_dtype(query.dtype)))
+            query.new_empty(B, T, dtype=torch.promote_types(query.dtype, torch.float32)))
 
 
 def _bwd_fake(grad_context, grad_weights, query, keys, values, mask, v, lse):
