@@ -16,6 +16,8 @@ namespace {
 // Scores held at once: the running softmax rescales the context accumulator once per tile, not per position.
 constexpr int64_t kTileS = 64;
 constexpr int64_t kPartials = 32;
+// Query rows of one batch element that share each load of a key and of a value row.
+constexpr int64_t kRowGroup = 4;
 
 // The extension is compiled for baseline x86-64 (SSE2). The row loops below are always inlined into two
 // entry points, one of them compiled for AVX2+FMA and chosen at run time when the CPU has it.
@@ -63,28 +65,28 @@ FS2S_ROW_INLINE T score(const T* __restrict q, const T* __restrict k, const T* _
   return sum_of<T>(D, [&](int64_t d) { return v[d] * tanh_vectorizable(q[d] + k[d]); });
 }
 
-// Four dot products with one q at once: each load of q serves four keys, and the four sums are independent.
+// x . y0, ..., x . y3 at once: each load of x serves four products, and the four sums are independent.
 template <typename T>
-FS2S_ROW_INLINE void dot4(const T* __restrict q, const T* __restrict k0, const T* __restrict k1,
-                          const T* __restrict k2, const T* __restrict k3, int64_t n, T* out) {
+FS2S_ROW_INLINE void dot4(const T* __restrict x, const T* __restrict y0, const T* __restrict y1,
+                          const T* __restrict y2, const T* __restrict y3, int64_t n, T* out) {
   constexpr int64_t kWidth = 8;
   T s0[kWidth] = {}, s1[kWidth] = {}, s2[kWidth] = {}, s3[kWidth] = {};
   int64_t i = 0;
   for (; i + kWidth <= n; i += kWidth)
 #pragma omp simd
     for (int64_t j = 0; j < kWidth; ++j) {
-      const T qj = q[i + j];
-      s0[j] += qj * k0[i + j];
-      s1[j] += qj * k1[i + j];
-      s2[j] += qj * k2[i + j];
-      s3[j] += qj * k3[i + j];
+      const T xj = x[i + j];
+      s0[j] += xj * y0[i + j];
+      s1[j] += xj * y1[i + j];
+      s2[j] += xj * y2[i + j];
+      s3[j] += xj * y3[i + j];
     }
   T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
   for (; i < n; ++i) {
-    t0 += q[i] * k0[i];
-    t1 += q[i] * k1[i];
-    t2 += q[i] * k2[i];
-    t3 += q[i] * k3[i];
+    t0 += x[i] * y0[i];
+    t1 += x[i] * y1[i];
+    t2 += x[i] * y2[i];
+    t3 += x[i] * y3[i];
   }
   for (int64_t j = 0; j < kWidth; ++j) {
     t0 += s0[j];
@@ -121,48 +123,80 @@ FS2S_ROW_INLINE void add_weighted_rows(T* __restrict acc, const T* __restrict va
   for (; c < n; ++c) axpy(p[c], values + at[c] * Dv, acc, Dv);
 }
 
-// One query row: context [Dv], lse, and the weights [S] when asked (they hold the raw scores until lse is known).
+// Scores of rows g < G of q [G, D] (one batch element) against the positions at[0..n). A single row shares each
+// load of q over four keys; several rows with dot scores share each load of a key over up to four rows.
 template <typename T>
-FS2S_ROW_INLINE void attention_fwd_row(const T* q, const T* keys, const T* values, const bool* mask, const T* v, int64_t S,
-                       int64_t D, int64_t Dv, T* context, T* weights, T* lse, T* acc) {
-  int64_t real[kTileS];  // the tile's real positions
-  T tile[kTileS];        // their scores, then their unnormalized weights
-  T running_max = -std::numeric_limits<T>::infinity(), running_sum = 0;
-  std::fill(acc, acc + Dv, T(0));
+FS2S_ROW_INLINE void group_scores(const T* q, int64_t G, const T* keys, const T* v, int64_t D, const int64_t* at,
+                                  int64_t n, T (*out)[kTileS]) {
+  if (G == 1 || v) {
+    for (int64_t g = 0; g < G; ++g) scores_at(q + g * D, keys, v, D, at, n, out[g]);
+    return;
+  }
+  const T* row[kRowGroup];
+  for (int64_t g = 0; g < kRowGroup; ++g) row[g] = q + std::min(g, G - 1) * D;  // spare lanes repeat the last row
+  T four[kRowGroup];
+  for (int64_t c = 0; c < n; ++c) {
+    dot4(keys + at[c] * D, row[0], row[1], row[2], row[3], D, four);
+    for (int64_t g = 0; g < G; ++g) out[g][c] = four[g];
+  }
+}
+
+// G <= kRowGroup consecutive query rows of one batch element, streamed over S in tiles with an online softmax:
+// context [G, Dv], lse [G], and the weights [G, S] when asked (they hold the raw scores until lse is known).
+// acc is [kRowGroup, Dv] scratch.
+template <typename T>
+FS2S_ROW_INLINE void attention_fwd_group(const T* q, int64_t G, const T* keys, const T* values, const bool* mask,
+                                         const T* v, int64_t S, int64_t D, int64_t Dv, T* context, T* weights,
+                                         T* lse, T* acc) {
+  int64_t real[kTileS];      // the tile's real positions
+  T tile[kRowGroup][kTileS];  // per row: their scores, then their unnormalized weights
+  T running_max[kRowGroup], running_sum[kRowGroup];
+  std::fill(running_max, running_max + G, -std::numeric_limits<T>::infinity());
+  std::fill(running_sum, running_sum + G, T(0));
+  std::fill(acc, acc + G * Dv, T(0));
   for (int64_t s0 = 0; s0 < S; s0 += kTileS) {
     int64_t n = 0;
     for (int64_t s = s0; s < std::min(S, s0 + kTileS); ++s)
       if (!mask || mask[s]) real[n++] = s;
     if (n == 0) continue;
-    scores_at(q, keys, v, D, real, n, tile);
-    T new_max = running_max;
-    for (int64_t c = 0; c < n; ++c) {
-      new_max = std::max(new_max, tile[c]);
-      if (weights) weights[real[c]] = tile[c];
+    group_scores(q, G, keys, v, D, real, n, tile);
+    for (int64_t g = 0; g < G; ++g) {
+      T new_max = running_max[g];
+      for (int64_t c = 0; c < n; ++c) {
+        new_max = std::max(new_max, tile[g][c]);
+        if (weights) weights[g * S + real[c]] = tile[g][c];
+      }
+      if (new_max != running_max[g]) {  // acc and running_sum are still 0 when running_max is -inf
+        const T alpha = exp_nonpositive(running_max[g] - new_max);
+        running_sum[g] *= alpha;
+        for (int64_t j = 0; j < Dv; ++j) acc[g * Dv + j] *= alpha;
+      }
+      for (int64_t c = 0; c < n; ++c) {
+        tile[g][c] = exp_nonpositive(tile[g][c] - new_max);
+        running_sum[g] += tile[g][c];
+      }
+      running_max[g] = new_max;
     }
-    if (new_max != running_max) {  // acc and running_sum are still 0 when running_max is -inf
-      const T alpha = exp_nonpositive(running_max - new_max);
-      running_sum *= alpha;
-      for (int64_t j = 0; j < Dv; ++j) acc[j] *= alpha;
-    }
-    for (int64_t c = 0; c < n; ++c) {
-      tile[c] = exp_nonpositive(tile[c] - new_max);
-      running_sum += tile[c];
-    }
-    add_weighted_rows(acc, values, Dv, real, tile, n);
-    running_max = new_max;
+    // Four value rows at a time, for every row of the group while they are in L1.
+    for (int64_t c = 0; c < n; c += 4)
+      for (int64_t g = 0; g < G; ++g)
+        add_weighted_rows(acc + g * Dv, values, Dv, real + c, tile[g] + c, std::min<int64_t>(4, n - c));
   }
-  if (running_sum == T(0)) {  // no real position: zeros, and an lse that makes every recomputed weight 0
-    std::fill(context, context + Dv, T(0));
-    if (weights) std::fill(weights, weights + S, T(0));
-    *lse = std::numeric_limits<T>::infinity();
-    return;
+  for (int64_t g = 0; g < G; ++g) {
+    T* ctx = context + g * Dv;
+    T* w = weights ? weights + g * S : nullptr;
+    if (running_sum[g] == T(0)) {  // no real position: zeros, and an lse that makes every recomputed weight 0
+      std::fill(ctx, ctx + Dv, T(0));
+      if (w) std::fill(w, w + S, T(0));
+      lse[g] = std::numeric_limits<T>::infinity();
+      continue;
+    }
+    const T inv_sum = T(1) / running_sum[g];
+    for (int64_t j = 0; j < Dv; ++j) ctx[j] = acc[g * Dv + j] * inv_sum;
+    lse[g] = running_max[g] + std::log(running_sum[g]);
+    if (w)
+      for (int64_t s = 0; s < S; ++s) w[s] = (!mask || mask[s]) ? exp_nonpositive(w[s] - lse[g]) : T(0);
   }
-  const T inv_sum = T(1) / running_sum;
-  for (int64_t j = 0; j < Dv; ++j) context[j] = acc[j] * inv_sum;
-  *lse = running_max + std::log(running_sum);
-  if (weights)
-    for (int64_t s = 0; s < S; ++s) weights[s] = (!mask || mask[s]) ? exp_nonpositive(weights[s] - *lse) : T(0);
 }
 
 // All query rows of one batch element (their key and value gradients add up). Recomputes the weights from lse;
@@ -219,15 +253,16 @@ struct AttentionRows {
   T *context, *weights, *out_lse, *grad_query, *grad_keys, *grad_values, *grad_v_partial;
 };
 
-// Forward of query rows r0..r1 (row r = b * Tq + t).
+// Forward of query rows r0..r1 (row r = b * Tq + t), in groups of consecutive rows of one batch element.
 template <typename T>
 FS2S_ROW_INLINE void attention_fwd_rows(const AttentionRows<T>& a, int64_t r0, int64_t r1) {
-  std::vector<T> acc(a.Dv);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = r / a.Tq;
-    attention_fwd_row(a.query + r * a.D, a.keys + b * a.S * a.D, a.values + b * a.S * a.Dv,
-                      a.mask ? a.mask + b * a.S : nullptr, a.v, a.S, a.D, a.Dv, a.context + r * a.Dv,
-                      a.weights ? a.weights + r * a.S : nullptr, a.out_lse + r, acc.data());
+  std::vector<T> acc(kRowGroup * a.Dv);
+  for (int64_t r = r0; r < r1;) {
+    const int64_t b = r / a.Tq, G = std::min({kRowGroup, r1 - r, (b + 1) * a.Tq - r});
+    attention_fwd_group(a.query + r * a.D, G, a.keys + b * a.S * a.D, a.values + b * a.S * a.Dv,
+                        a.mask ? a.mask + b * a.S : nullptr, a.v, a.S, a.D, a.Dv, a.context + r * a.Dv,
+                        a.weights ? a.weights + r * a.S : nullptr, a.out_lse + r, acc.data());
+    r += G;
   }
 }
 
