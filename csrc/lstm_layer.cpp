@@ -104,7 +104,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_h = at::empty({B, H}, input.options());  // dL/dh_t: recurrent part from the GEMM, then + grad_output
   at::Tensor grad_c = at::empty({B, H}, input.options());
   at::Tensor grad_c_prev = at::empty({B, H}, input.options());
-  const at::Tensor w_hh_c = w_hh.contiguous();
   const std::vector<int64_t> length = row_lengths(lengths, T, B);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_bwd_cpu", [&] {
     const scalar_t *pgo = go.const_data_ptr<scalar_t>(), *pghn = ghn.const_data_ptr<scalar_t>(),
@@ -141,22 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       });
       std::swap(grad_c, grad_c_prev);
-      if (s + 1 < T) at::mm_out(grad_h, grad_gates_2d.narrow(0, t * B, B), w_hh_c);
+      if (s + 1 < T) at::mm_out(grad_h, grad_gates_2d.narrow(0, t * B, B), w_hh);
     }
   });
-  at::Tensor grad_hx = at::mm(grad_gates_first, w_hh_c);
-  for (int64_t b = 0; b < B; ++b)
-    if (length[b] == 0) grad_hx[b].add_(grad_h_n[b]);  // its final state is its initial state
-  at::Tensor grad_w_hh = at::mm(grad_gates_first.t(), hx);
-  if (T > 1) {
-    // Every other step's h_{t-1} is the output of the step before it; a row's step after its last is zero output.
-    const at::Tensor dg_later = reverse ? grad_gates_2d.narrow(0, 0, (T - 1) * B) : grad_gates_2d.narrow(0, B, (T - 1) * B);
-    const at::Tensor h_prev = output.reshape({T * B, H}).narrow(0, reverse ? B : 0, (T - 1) * B);
-    grad_w_hh.addmm_(dg_later.t(), h_prev);
-  }
-  const at::Tensor input_2d = input.reshape({T * B, I});
-  return {at::mm(grad_gates_2d, w_ih).view({T, B, I}), grad_hx, grad_cx, at::mm(grad_gates_2d.t(), input_2d),
-          grad_w_hh, grad_gates_2d.sum(0)};
+  return lstm_layer_grads_after_loop(grad_gates, grad_gates_first, grad_h_n, grad_cx, input, hx, w_ih, w_hh,
+                                     lengths, reverse, output);
 }
 
 }  // namespace

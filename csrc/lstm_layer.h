@@ -64,4 +64,31 @@ inline SequenceSteps sequence_steps(int64_t length, bool reverse) {
   return reverse ? SequenceSteps{length - 1, 0} : SequenceSteps{0, length - 1};
 }
 
+// The gradients that are large GEMMs over all steps, after the backward loop has filled grad_gates [T, B, 4H] (zero
+// past each row's length) and grad_gates_first [B, 4H] (each row's grad_gates at the step that consumed (h0, c0),
+// zero for rows of length 0). Returns (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_grads_after_loop(
+    const at::Tensor& grad_gates, const at::Tensor& grad_gates_first, const at::Tensor& grad_h_n,
+    const at::Tensor& grad_cx, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& output) {
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), H = hx.size(1);
+  const at::Tensor grad_gates_2d = grad_gates.view({T * B, 4 * H});
+  at::Tensor grad_hx = at::mm(grad_gates_first, w_hh);
+  // A row of length 0 (every row when T = 0) ends in its initial state.
+  if (lengths) {
+    grad_hx.add_(grad_h_n * lengths->eq(0).unsqueeze(1).to(grad_h_n.scalar_type()));
+  } else if (T == 0) {
+    grad_hx.add_(grad_h_n);
+  }
+  at::Tensor grad_w_hh = at::mm(grad_gates_first.t(), hx);
+  if (T > 1) {
+    // Every other step's h_{t-1} is the output of the step before it; a row's step after its last outputs zero.
+    const at::Tensor later = grad_gates_2d.narrow(0, reverse ? 0 : B, (T - 1) * B);
+    const at::Tensor h_prev = output.reshape({T * B, H}).narrow(0, reverse ? B : 0, (T - 1) * B);
+    grad_w_hh.addmm_(later.t(), h_prev);
+  }
+  return {at::mm(grad_gates_2d, w_ih).view({T, B, I}), grad_hx, grad_cx,
+          at::mm(grad_gates_2d.t(), input.reshape({T * B, I})), grad_w_hh, grad_gates_2d.sum(0)};
+}
+
 }  // namespace fastseq2seq
