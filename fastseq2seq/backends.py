@@ -34,15 +34,15 @@ def unavailable_reason(name: str, device_type: str):
         return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
     if device_type not in DEFAULT_ORDER:
         return f"device type {device_type!r} is not supported (cpu or cuda)"
-    if name == "reference":
-        return None
+    if name in ("cpu", "cuda") and name != device_type:
+        return f"the '{name}' backend runs on {name} tensors, these are on {device_type}"
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
+    if name == "reference":
+        return None
     if name in ("cpu", "cuda"):
         if not _extension.loaded():
             return f"the compiled extension fastseq2seq._C could not be loaded ({_extension.LOAD_ERROR})"
-        if name != device_type:
-            return f"the '{name}' backend runs on {name} tensors, these are on {device_type}"
         if name == "cuda" and _extension.build_info().get("cuda") != "1":
             return "fastseq2seq was built without its CUDA sources (reinstall with a CUDA build of torch and nvcc)"
         return None
