@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import fastseq2seq
 from fastseq2seq.models import Seq2Seq, sequence_loss
 
 PAD, BOS, EOS = 0, 1, 2
@@ -121,8 +122,24 @@ CONFIGS = [dict(attention=a, input_feeding=f, num_layers=l, tie_embeddings=tie)
                                      [1, 2, 1, 2, 2, 1], [False, True, True, False, False, True])]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def config_id(config):
+    return "-".join(str(v) for v in config.values())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 def test_matches_plain_pytorch_model(config):
+    check_against_plain_model(config)
+
+
+@pytest.mark.parametrize("backend", [b for b in fastseq2seq.available_backends("cpu") if b != "cpu"])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=config_id)
+def test_matches_plain_pytorch_model_on_other_backends(backend, config):
+    """The default CPU backend is covered above; the model's path through the others (triton: what a GPU runs)."""
+    with fastseq2seq.use_backend(backend):
+        check_against_plain_model(config)
+
+
+def check_against_plain_model(config):
     model = make_model(**config)
     plain = PlainSeq2Seq(14, 12, 8, 16, config["num_layers"], config["attention"], config["input_feeding"],
                          config["tie_embeddings"]).double()
@@ -167,7 +184,7 @@ def teacher_forced_log_probs(model, src, lengths, tokens):
     return logits, torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: "-".join(str(v) for v in c.values()))
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=config_id)
 def test_greedy_is_teacher_forced_argmax_of_its_tokens(config):
     model = eos_prone(make_model(**config))
     src, lengths, _, _ = make_batch(B=6, seed=3)
@@ -207,7 +224,7 @@ def test_decoding_alone_equals_in_padded_batch(attention):
         torch.testing.assert_close(bs[0], beam_scores[b], **TOL64)
 
 
-@pytest.mark.parametrize("config", CONFIGS[::2], ids=lambda c: "-".join(str(v) for v in c.values()))
+@pytest.mark.parametrize("config", CONFIGS[::2], ids=config_id)
 def test_beam_size_one_equals_greedy(config):
     model = eos_prone(make_model(**config))
     src, lengths, _, _ = make_batch(B=6, seed=5)
@@ -276,7 +293,7 @@ def test_learns_to_reverse_digit_strings():
     model = Seq2Seq(13, 13, emb_dim=16, hidden_size=32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     start = time.perf_counter()
-    for step in range(400):
+    for step in range(300):
         src, lengths, tgt = digit_reversal_batch(g, 64)
         tgt_in = torch.cat([torch.full((64, 1), BOS), tgt[:, :-1]], 1).masked_fill(tgt == PAD, PAD)
         loss, _ = sequence_loss(model(src, lengths, tgt_in), tgt, pad_id=PAD)
