@@ -169,11 +169,19 @@ def test_config_round_trip():
     torch.testing.assert_close(clone(src, lengths, tgt_in), model(src, lengths, tgt_in), **TOL64)
 
 
-def eos_prone(model, boost=1.5):
-    """A random model rarely emits EOS; raise its bias so rows end at different steps."""
-    with torch.no_grad():
-        model.output.bias[EOS] += boost
-    return model.eval()
+def decoding_model(config, src, lengths, max_len=9, **kw):
+    """A random model whose greedy outputs on (src, lengths) end at >= 3 different steps, some at max_len: weights
+    scaled up so outputs depend on the input and the step, and an EOS bias from a fixed search."""
+    for seed, boost in itertools.product(range(8), [0.0, 1.0, 2.0, -1.0, 3.0]):
+        model = make_model(seed=seed, **config, **kw).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(5.0)
+            model.output.bias[EOS] += boost
+        out_lengths = model.greedy(src, lengths, max_len=max_len)[1]
+        if len(set(out_lengths.tolist())) >= 3 and out_lengths.max() == max_len:
+            return model
+    raise AssertionError("no model with varied output lengths found: the decoding tests would check too little")
 
 
 def teacher_forced_log_probs(model, src, lengths, tokens):
@@ -186,12 +194,11 @@ def teacher_forced_log_probs(model, src, lengths, tokens):
 
 @pytest.mark.parametrize("config", CONFIGS[:4], ids=config_id)
 def test_greedy_is_teacher_forced_argmax_of_its_tokens(config):
-    model = eos_prone(make_model(**config))
     src, lengths, _, _ = make_batch(B=6, seed=3)
+    model = decoding_model(config, src, lengths)
     tokens, out_lengths, attention = model.greedy(src, lengths, max_len=9)
     B, L = tokens.shape
     assert attention.shape == (B, L, src.shape[1])
-    assert out_lengths.min() < 9, "no row ended early: the test would not check the padding after EOS"
     logits, _ = teacher_forced_log_probs(model, src, lengths, tokens)
     steps = torch.arange(L)[None, :]
     real = steps < out_lengths[:, None]
@@ -210,8 +217,8 @@ def test_greedy_is_teacher_forced_argmax_of_its_tokens(config):
 
 @pytest.mark.parametrize("attention", ["bahdanau", "luong-dot"])
 def test_decoding_alone_equals_in_padded_batch(attention):
-    model = eos_prone(make_model(attention=attention, num_layers=2))
     src, lengths, _, _ = make_batch(B=5, seed=4)
+    model = decoding_model(dict(attention=attention, num_layers=2), src, lengths)
     tokens, out_lengths, weights = model.greedy(src, lengths, max_len=9)
     beam_tokens, beam_lengths, beam_scores = model.beam_search(src, lengths, beam_size=3, n_best=2, max_len=9)
     for b in range(src.shape[0]):
@@ -226,8 +233,8 @@ def test_decoding_alone_equals_in_padded_batch(attention):
 
 @pytest.mark.parametrize("config", CONFIGS[::2], ids=config_id)
 def test_beam_size_one_equals_greedy(config):
-    model = eos_prone(make_model(**config))
     src, lengths, _, _ = make_batch(B=6, seed=5)
+    model = decoding_model(config, src, lengths)
     tokens, out_lengths, _ = model.greedy(src, lengths, max_len=9)
     beam_tokens, beam_lengths, _ = model.beam_search(src, lengths, beam_size=1, max_len=9)
     assert torch.equal(beam_tokens[:, 0], tokens) and torch.equal(beam_lengths[:, 0], out_lengths)
@@ -241,8 +248,8 @@ def sequence_scores(model, src, lengths, tokens, out_lengths, length_penalty):
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
 def test_beam_scores_are_the_models_log_probs(length_penalty):
-    model = eos_prone(make_model(attention="luong-general"))
     src, lengths, _, _ = make_batch(B=4, seed=6)
+    model = decoding_model(dict(attention="luong-general"), src, lengths, max_len=8)
     tokens, out_lengths, scores = model.beam_search(src, lengths, beam_size=4, n_best=3, max_len=8,
                                                     length_penalty=length_penalty)
     assert (scores[:, :-1] >= scores[:, 1:]).all(), "n-best not sorted"
@@ -252,10 +259,13 @@ def test_beam_scores_are_the_models_log_probs(length_penalty):
         assert (tokens[:, k][torch.arange(tokens.shape[2])[None, :] >= out_lengths[:, k, None]] == PAD).all()
 
 
+@pytest.mark.parametrize("eos_bias", [1.0, -2.0], ids=["short-optimum", "long-optimum"])
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_wide_beam_finds_the_exhaustive_optimum(length_penalty):
+def test_wide_beam_finds_the_exhaustive_optimum(length_penalty, eos_bias):
     V, max_len = 5, 3  # tokens pad, bos, eos and two others; every token may be emitted
-    model = eos_prone(make_model(tgt_vocab=V, attention="bahdanau"), boost=0.5)
+    model = make_model(tgt_vocab=V, attention="bahdanau").eval()
+    with torch.no_grad():
+        model.output.bias[EOS] += eos_bias
     src, lengths, _, _ = make_batch(B=3, seed=7)
     # Every hypothesis: ending at its first EOS, or max_len tokens without EOS.
     hypotheses = [h for n in range(1, max_len + 1) for h in itertools.product(range(V), repeat=n)
