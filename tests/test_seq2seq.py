@@ -259,10 +259,10 @@ def test_beam_scores_are_the_models_log_probs(length_penalty):
         assert (tokens[:, k][torch.arange(tokens.shape[2])[None, :] >= out_lengths[:, k, None]] == PAD).all()
 
 
-@pytest.mark.parametrize("eos_bias", [1.0, -2.0], ids=["short-optimum", "long-optimum"])
+@pytest.mark.parametrize("eos_bias", [1.0, -0.5, -2.0], ids=["short-optimum", "mixed", "long-optimum"])
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
 def test_wide_beam_finds_the_exhaustive_optimum(length_penalty, eos_bias):
-    V, max_len = 5, 3  # tokens pad, bos, eos and two others; every token may be emitted
+    V, max_len = 4, 5  # tokens pad, bos, eos and one other; every token may be emitted
     model = make_model(tgt_vocab=V, attention="bahdanau").eval()
     with torch.no_grad():
         model.output.bias[EOS] += eos_bias
