@@ -37,9 +37,20 @@ inline void check_lstm_cell_args(const at::Tensor& input, const at::Tensor& hx, 
   }
 }
 
+// The gate math below is written for GCC to vectorize the row loops, which needs the select-style clamp in
+// exp_approx and no trapping math (FP exceptions are never enabled here): scoped to the gate math so that the
+// rest of each translation unit keeps its flags.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#define FS2S_GATE_MATH_OPTIONS_PUSHED
+#endif
+
 // Branch-free so that GCC vectorizes the row loops below; within 2 ulp of expf over the clamped range.
 inline float exp_approx(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  // fmin(fmax(x, -87), 88) as selects, NaN going to -87 as with fmax: std::fmin/fmax block GCC's vectorizer.
+  x = x >= -87.0f ? x : -87.0f;
+  x = x <= 88.0f ? x : 88.0f;
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to nearest, vectorizably
   const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -107,5 +118,10 @@ inline void lstm_cell_bwd_row(const T* __restrict gates, const T* __restrict c_p
     grad_c_prev[j] = dc * f;
   }
 }
+
+#ifdef FS2S_GATE_MATH_OPTIONS_PUSHED
+#pragma GCC pop_options
+#undef FS2S_GATE_MATH_OPTIONS_PUSHED
+#endif
 
 }  // namespace fastseq2seq
