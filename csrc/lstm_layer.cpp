@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells) {
   check_lstm_layer_args(input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, lengths);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), H = hx.size(1);
+  const int64_t T = input.size(0), B = input.size(1), H = hx.size(1);
   check_shape(grad_output, "grad_output", {T, B, H});
   check_shape(grad_h_n, "grad_h_n", {B, H});
   check_shape(grad_c_n, "grad_c_n", {B, H});
