@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "checks.h"
+#include "fast_math.h"
 
 namespace fastseq2seq {
 
@@ -36,43 +37,6 @@ inline void check_lstm_cell_args(const at::Tensor& input, const at::Tensor& hx, 
     check_like(*b_hh, "b_hh", input, "input");
   }
 }
-
-// The gate math below is written for GCC to vectorize the row loops, which needs the select-style clamp in
-// exp_approx and no trapping math (FP exceptions are never enabled here): scoped to the gate math so that the
-// rest of each translation unit keeps its flags.
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#define FS2S_GATE_MATH_OPTIONS_PUSHED
-#endif
-
-// Branch-free so that GCC vectorizes the row loops below; within 2 ulp of expf over the clamped range.
-inline float exp_approx(float x) {
-  // fmin(fmax(x, -87), 88) as selects, NaN going to -87 as with fmax: std::fmin/fmax block GCC's vectorizer.
-  x = x >= -87.0f ? x : -87.0f;
-  x = x <= 88.0f ? x : 88.0f;
-  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to nearest, vectorizably
-  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits;
-  __builtin_memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(n) << 23;
-  __builtin_memcpy(&p, &bits, 4);
-  return p;
-}
-inline double exp_approx(double x) { return std::exp(x); }  // fp64 serves gradcheck: keep it exact
-
-template <typename T>
-inline T sigmoid(T x) { return T(1) / (T(1) + exp_approx(-x)); }
-template <typename T>
-inline T tanh_fast(T x) { return T(2) * sigmoid(T(2) * x) - T(1); }
 
 // One batch row of the fused forward. gates holds x W_ih^T + h W_hh^T on entry and the activated
 // gates (i, f, g, o) on exit: the backward needs nothing else.
@@ -118,10 +82,5 @@ inline void lstm_cell_bwd_row(const T* __restrict gates, const T* __restrict c_p
     grad_c_prev[j] = dc * f;
   }
 }
-
-#ifdef FS2S_GATE_MATH_OPTIONS_PUSHED
-#pragma GCC pop_options
-#undef FS2S_GATE_MATH_OPTIONS_PUSHED
-#endif
 
 }  // namespace fastseq2seq

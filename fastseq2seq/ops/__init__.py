@@ -1,5 +1,7 @@
 """The fused ops: one public function each, the backend chosen behind it (fastseq2seq.backends)."""
+from fastseq2seq.ops.attention import attention, attention_reference
 from fastseq2seq.ops.lstm_cell import lstm_cell, lstm_cell_reference
 from fastseq2seq.ops.lstm_layer import lstm_layer, lstm_layer_reference
 
-__all__ = ["lstm_cell", "lstm_cell_reference", "lstm_layer", "lstm_layer_reference"]
+__all__ = ["attention", "attention_reference", "lstm_cell", "lstm_cell_reference", "lstm_layer",
+           "lstm_layer_reference"]
