@@ -24,8 +24,23 @@ inline float exp_in_range(float x) {
   return p;
 }
 
-// Branch-free; within 2 ulp of expf over the clamped range.
-inline float exp_approx(float x) { return exp_in_range(std::fmin(std::fmax(x, -87.0f), 88.0f)); }
+// `mask` all ones: if_set, zero: otherwise. GCC vectorizes this where it vectorizes no float select or min/max.
+inline float select_bits(int32_t mask, float if_set, float otherwise) {
+  int32_t set_bits, otherwise_bits;
+  __builtin_memcpy(&set_bits, &if_set, 4);
+  __builtin_memcpy(&otherwise_bits, &otherwise, 4);
+  set_bits = (set_bits & mask) | (otherwise_bits & ~mask);
+  float result;
+  __builtin_memcpy(&result, &set_bits, 4);
+  return result;
+}
+
+// Branch-free; within 2 ulp of expf over the clamped range. The clamp is fmin(fmax(x, -87), 88), NaN and all,
+// written with select_bits so that the LSTM gate loops vectorize (std::fmin/fmax keep GCC from it).
+inline float exp_approx(float x) {
+  x = select_bits(-static_cast<int32_t>(!(x >= -87.0f)), -87.0f, x);
+  return exp_in_range(select_bits(-static_cast<int32_t>(x > 88.0f), 88.0f, x));
+}
 inline double exp_approx(double x) { return std::exp(x); }  // fp64 serves gradcheck: keep it exact
 
 template <typename T>

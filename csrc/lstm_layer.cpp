@@ -6,16 +6,101 @@
 // GEMM (dgates_t W_hh) and the fused elementwise backward per step, then dx, dW_ih, dW_hh and db as a few large
 // GEMMs over all steps. No tensor is allocated inside either loop.
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <limits>
 
 #include "lstm_cell.h"
 #include "lstm_layer.h"
 
+#if AT_MKL_ENABLED() && defined(__linux__)
+#include <dlfcn.h>
+#define FS2S_MKL_PACKED_GEMM
+#endif
+
 namespace fastseq2seq {
 namespace {
+
+#ifdef FS2S_MKL_PACKED_GEMM
+// MKL's packed GEMM (LP64: int sizes, enums as ints), looked up in the libtorch_cpu already loaded rather than
+// linked, so that a torch whose MKL symbols are not exported still loads this extension (and uses at::addmm).
+struct MklPackedGemm {
+  size_t (*get_size)(int identifier, int m, int n, int k);
+  void (*pack)(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld,
+               float* dest);
+  void (*compute)(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda, const float* b,
+                  int ldb, float beta, float* c, int ldc);
+  static constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+};
+
+const MklPackedGemm* mkl_packed_gemm() {
+  static const MklPackedGemm api = [] {
+    MklPackedGemm found{};
+    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
+      found.get_size = reinterpret_cast<decltype(found.get_size)>(dlsym(lib, "cblas_sgemm_pack_get_size"));
+      found.pack = reinterpret_cast<decltype(found.pack)>(dlsym(lib, "cblas_sgemm_pack"));
+      found.compute = reinterpret_cast<decltype(found.compute)>(dlsym(lib, "cblas_sgemm_compute"));
+    }
+    return found;
+  }();
+  return api.get_size && api.pack && api.compute ? &api : nullptr;
+}
+#endif
+
+// out = a @ weight (+ out) for the T same-shaped recurrent products of one call. The weight is the same every
+// step: in float32 with MKL it is packed once into MKL's internal layout, which sgemm would otherwise redo on every
+// call; else each step is one at::addmm_out / at::mm_out into the preallocated buffer.
+class RecurrentGemm {
+ public:
+  // weight: [K, N], a row-major matrix or the transpose of one.
+  RecurrentGemm(const at::Tensor& weight, int64_t M) : weight_(weight), M_(M) {
+#ifdef FS2S_MKL_PACKED_GEMM
+    const int64_t K = weight.size(0), N = weight.size(1);
+    const bool row_major = weight.stride(1) == 1 && weight.stride(0) == N;
+    const bool transposed = weight.stride(0) == 1 && weight.stride(1) == K;
+    const int64_t limit = std::numeric_limits<int>::max();
+    mkl_ = weight.scalar_type() == at::kFloat && (row_major || transposed) && M > 0 && M * K <= limit &&
+                   K * N <= limit && M * N <= limit
+               ? mkl_packed_gemm()
+               : nullptr;
+    if (mkl_) {
+      packed_ = at::empty({static_cast<int64_t>(mkl_->get_size(MklPackedGemm::kBMatrix, M, N, K))},
+                          weight.options().dtype(at::kByte));
+      mkl_->pack(MklPackedGemm::kRowMajor, MklPackedGemm::kBMatrix,
+                 row_major ? MklPackedGemm::kNoTrans : MklPackedGemm::kTrans, M, N, K, 1.0f,
+                 weight.const_data_ptr<float>(), row_major ? N : K, static_cast<float*>(packed_.data_ptr()));
+    }
+#endif
+  }
+
+  // a [M, K] and out [M, N], both contiguous.
+  void run(const at::Tensor& a, at::Tensor& out, bool accumulate) const {
+#ifdef FS2S_MKL_PACKED_GEMM
+    if (mkl_) {
+      const int K = weight_.size(0), N = weight_.size(1);
+      mkl_->compute(MklPackedGemm::kRowMajor, MklPackedGemm::kNoTrans, MklPackedGemm::kPacked, M_, N, K,
+                    a.const_data_ptr<float>(), K, static_cast<const float*>(packed_.const_data_ptr()), N,
+                    accumulate ? 1.0f : 0.0f, out.data_ptr<float>(), N);
+      return;
+    }
+#endif
+    if (accumulate) {
+      at::addmm_out(out, out, a, weight_);
+    } else {
+      at::mm_out(out, a, weight_);
+    }
+  }
+
+ private:
+  at::Tensor weight_, packed_;
+  int64_t M_;
+#ifdef FS2S_MKL_PACKED_GEMM
+  const MklPackedGemm* mkl_ = nullptr;
+#endif
+};
 
 // Rows per task: enough work per thread to amortize the fork.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * H)); }
@@ -47,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   } else {
     at::mm_out(gates_2d, input_2d, w_ih.t());
   }
-  const at::Tensor w_hh_t = w_hh.t();
+  const RecurrentGemm recurrent(w_hh.t(), B);
   const std::vector<int64_t> length = row_lengths(lengths, T, B);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_fwd_cpu", [&] {
     scalar_t* pg = gates.data_ptr<scalar_t>();
@@ -58,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
       at::Tensor gates_t = gates_2d.narrow(0, t * B, B);
-      at::addmm_out(gates_t, gates_t, h_n, w_hh_t);
+      recurrent.run(h_n, gates_t, /*accumulate=*/true);
       at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t row = t * B + b;
@@ -87,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells) {
   check_lstm_layer_args(input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, lengths);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), H = hx.size(1);
+  const int64_t T = input.size(0), B = input.size(1), H = hx.size(1);
   check_shape(grad_output, "grad_output", {T, B, H});
   check_shape(grad_h_n, "grad_h_n", {B, H});
   check_shape(grad_c_n, "grad_c_n", {B, H});
@@ -104,6 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_h = at::empty({B, H}, input.options());  // dL/dh_t: recurrent part from the GEMM, then + grad_output
   at::Tensor grad_c = at::empty({B, H}, input.options());
   at::Tensor grad_c_prev = at::empty({B, H}, input.options());
+  const RecurrentGemm recurrent(w_hh, B);
   const std::vector<int64_t> length = row_lengths(lengths, T, B);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_bwd_cpu", [&] {
     const scalar_t *pgo = go.const_data_ptr<scalar_t>(), *pghn = ghn.const_data_ptr<scalar_t>(),
@@ -140,7 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       });
       std::swap(grad_c, grad_c_prev);
-      if (s + 1 < T) at::mm_out(grad_h, grad_gates_2d.narrow(0, t * B, B), w_hh);
+      if (s + 1 < T) {
+        at::Tensor grad_gates_t = grad_gates_2d.narrow(0, t * B, B);
+        recurrent.run(grad_gates_t, grad_h, /*accumulate=*/false);
+      }
     }
   });
   return lstm_layer_grads_after_loop(grad_gates, grad_gates_first, grad_h_n, grad_cx, input, hx, w_ih, w_hh,

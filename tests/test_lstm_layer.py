@@ -143,7 +143,8 @@ def test_gradcheck_float64(backend, lengths, reverse):
         output, (h_n, c_n) = lstm_layer(x, (h0, c0), *weights, lengths=lengths, reverse=reverse, backend=backend)
         return output, h_n, c_n
 
-    assert torch.autograd.gradcheck(fn, (x, h0, c0, *weights))
+    # fast_mode (a random projection of the Jacobian) keeps the interpreted Triton launches within budget
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *weights), fast_mode=backend == "triton")
 
 
 def fused_ops():
