@@ -10,16 +10,17 @@
 
 namespace fastseq2seq {
 
-// input [B, I], hx/cx [B, H], w_ih [4H, I], w_hh [4H, H], biases [4H]; same device and dtype.
-inline void check_lstm_cell_args(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
-                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
-  check_rank(input, "input", 2);
+// input [B, I] (a cell) or [T, B, I] (a layer), hx/cx [B, H], w_ih [4H, I], w_hh [4H, H], biases [4H];
+// all on one device, in one dtype.
+inline void check_lstm_args(const at::Tensor& input, int64_t input_rank, const at::Tensor& hx, const at::Tensor& cx,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& b_hh) {
+  check_rank(input, "input", input_rank);
   check_rank(hx, "hx[0]", 2);
   check_rank(cx, "hx[1]", 2);
   check_rank(w_ih, "w_ih", 2);
   check_rank(w_hh, "w_hh", 2);
-  const int64_t B = input.size(0), I = input.size(1), H = hx.size(1);
+  const int64_t B = input.size(-2), I = input.size(-1), H = hx.size(1);
   check_float_dtype(input, "input", input.is_cuda());
   check_shape(hx, "hx[0]", {B, H});
   check_shape(cx, "hx[1]", {B, H});
@@ -36,6 +37,12 @@ inline void check_lstm_cell_args(const at::Tensor& input, const at::Tensor& hx, 
     check_like(*b_ih, "b_ih", input, "input");
     check_like(*b_hh, "b_hh", input, "input");
   }
+}
+
+inline void check_lstm_cell_args(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  check_lstm_args(input, 2, hx, cx, w_ih, w_hh, b_ih, b_hh);
 }
 
 // One batch row of the fused forward. gates holds x W_ih^T + h W_hh^T on entry and the activated

@@ -171,14 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells) {
-  check_lstm_layer_args(input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, lengths);
+  check_lstm_layer_bwd_args(grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, lengths, output, gates,
+                            cells);
   const int64_t T = input.size(0), B = input.size(1), H = hx.size(1);
-  check_shape(grad_output, "grad_output", {T, B, H});
-  check_shape(grad_h_n, "grad_h_n", {B, H});
-  check_shape(grad_c_n, "grad_c_n", {B, H});
-  check_shape(output, "output", {T, B, H});
-  check_shape(gates, "gates", {T, B, 4 * H});
-  check_shape(cells, "cells", {T, B, H});
   const at::Tensor go = grad_output.contiguous(), ghn = grad_h_n.contiguous(), gcn = grad_c_n.contiguous(),
                    gt = gates.contiguous(), cc = cells.contiguous(), c0 = cx.contiguous();
   at::Tensor grad_gates = at::empty({T, B, 4 * H}, input.options());

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "checks.h"
+#include "lstm_cell.h"
 
 namespace fastseq2seq {
 
@@ -14,28 +15,8 @@ inline void check_lstm_layer_args(const at::Tensor& input, const at::Tensor& hx,
                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
                                   const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                                   const std::optional<at::Tensor>& lengths) {
-  check_rank(input, "input", 3);
-  check_rank(hx, "hx[0]", 2);
-  check_rank(cx, "hx[1]", 2);
-  check_rank(w_ih, "w_ih", 2);
-  check_rank(w_hh, "w_hh", 2);
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), H = hx.size(1);
-  check_float_dtype(input, "input", input.is_cuda());
-  check_shape(hx, "hx[0]", {B, H});
-  check_shape(cx, "hx[1]", {B, H});
-  check_shape(w_ih, "w_ih", {4 * H, I});
-  check_shape(w_hh, "w_hh", {4 * H, H});
-  check_like(hx, "hx[0]", input, "input");
-  check_like(cx, "hx[1]", input, "input");
-  check_like(w_ih, "w_ih", input, "input");
-  check_like(w_hh, "w_hh", input, "input");
-  FS2S_CHECK_ARG(b_ih.has_value() == b_hh.has_value(), "b_ih", "b_ih and b_hh must be given together");
-  if (b_ih.has_value()) {
-    check_shape(*b_ih, "b_ih", {4 * H});
-    check_shape(*b_hh, "b_hh", {4 * H});
-    check_like(*b_ih, "b_ih", input, "input");
-    check_like(*b_hh, "b_hh", input, "input");
-  }
+  check_lstm_args(input, 3, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  const int64_t T = input.size(0), B = input.size(1);
   if (lengths.has_value()) {
     check_shape(*lengths, "lengths", {B});
     FS2S_CHECK_ARG(lengths->scalar_type() == at::kLong, "lengths", "expected dtype int64, got ",
@@ -50,6 +31,22 @@ inline void check_lstm_layer_args(const at::Tensor& input, const at::Tensor& hx,
       FS2S_CHECK_ARG(max_length <= T, "lengths", "must be <= T = input.size(0) = ", T, ", got ", max_length);
     }
   }
+}
+
+// The backward's arguments: the forward's, the incoming gradients and what the forward saved.
+inline void check_lstm_layer_bwd_args(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                      const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& hx,
+                                      const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                      const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+                                      const at::Tensor& gates, const at::Tensor& cells) {
+  check_lstm_layer_args(input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, lengths);
+  const int64_t T = input.size(0), B = input.size(1), H = hx.size(1);
+  check_shape(grad_output, "grad_output", {T, B, H});
+  check_shape(grad_h_n, "grad_h_n", {B, H});
+  check_shape(grad_c_n, "grad_c_n", {B, H});
+  check_shape(output, "output", {T, B, H});
+  check_shape(gates, "gates", {T, B, 4 * H});
+  check_shape(cells, "cells", {T, B, H});
 }
 
 // Which steps of a sequence of `length` valid steps the recurrence visits first and last: forward runs

@@ -5,13 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/lstm_gates.cuh"
 #include "lstm_cell.h"
 
 namespace fastseq2seq {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ T sigmoid_dev(T x) { return T(1) / (T(1) + exp(-x)); }
 
 // One thread per (row, hidden unit): reads the 4 pre-activations, writes the 4 activations, c and h.
 template <typename scalar_t>
@@ -23,20 +21,17 @@ __global__ void lstm_cell_fwd_kernel(scalar_t* __restrict__ gates, const scalar_
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx % H;
     scalar_t* g = gates + b * 4 * H;
-    acc_t pre[4];
+    acc_t gate[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      pre[k] = static_cast<acc_t>(g[k * H + j]);
-      if (b_ih) pre[k] += static_cast<acc_t>(b_ih[k * H + j]) + static_cast<acc_t>(b_hh[k * H + j]);
+      gate[k] = static_cast<acc_t>(g[k * H + j]);
+      if (b_ih) gate[k] += static_cast<acc_t>(b_ih[k * H + j]) + static_cast<acc_t>(b_hh[k * H + j]);
     }
-    const acc_t i = sigmoid_dev(pre[0]), f = sigmoid_dev(pre[1]), gg = tanh(pre[2]), o = sigmoid_dev(pre[3]);
-    const acc_t cj = f * static_cast<acc_t>(cx[idx]) + i * gg;
-    g[j] = i;
-    g[H + j] = f;
-    g[2 * H + j] = gg;
-    g[3 * H + j] = o;
-    c[idx] = cj;
-    h[idx] = o * tanh(cj);
+    acc_t hj;
+    c[idx] = lstm_gates_fwd(gate, static_cast<acc_t>(cx[idx]), &hj);
+    h[idx] = hj;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) g[k * H + j] = gate[k];
   }
 }
 
@@ -51,21 +46,13 @@ __global__ void lstm_cell_bwd_kernel(const scalar_t* __restrict__ gates, const s
     const int64_t b = idx / H, j = idx % H;
     const scalar_t* g = gates + b * 4 * H;
     scalar_t* dg = grad_gates + b * 4 * H;
-    const acc_t i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
-    const acc_t tc = tanh(static_cast<acc_t>(c[idx]));
-    const acc_t dh = grad_h[idx];
-    const acc_t dc = static_cast<acc_t>(grad_c[idx]) + dh * o * (acc_t(1) - tc * tc);
-    dg[j] = dc * gg * i * (acc_t(1) - i);
-    dg[H + j] = dc * static_cast<acc_t>(cx[idx]) * f * (acc_t(1) - f);
-    dg[2 * H + j] = dc * i * (acc_t(1) - gg * gg);
-    dg[3 * H + j] = dh * tc * o * (acc_t(1) - o);
-    grad_cx[idx] = dc * f;
+    const acc_t gate[4] = {g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
+    acc_t d_gate[4];
+    grad_cx[idx] = lstm_gates_bwd(gate, static_cast<acc_t>(c[idx]), static_cast<acc_t>(cx[idx]),
+                                  static_cast<acc_t>(grad_h[idx]), static_cast<acc_t>(grad_c[idx]), d_gate);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) dg[k * H + j] = d_gate[k];
   }
-}
-
-dim3 elementwise_grid(int64_t n, int threads) {
-  const int64_t blocks = (n + threads - 1) / threads;
-  return dim3(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535)));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cuda(

@@ -7,13 +7,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/lstm_gates.cuh"
 #include "lstm_layer.h"
 
 namespace fastseq2seq {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ T sigmoid_dev(T x) { return T(1) / (T(1) + exp(-x)); }
 
 __device__ __forceinline__ int64_t row_length(const int64_t* lengths, int64_t b, int64_t T) {
   return lengths ? lengths[b] : T;
@@ -36,14 +34,11 @@ __global__ void lstm_layer_step_fwd_kernel(scalar_t* __restrict__ gates_t, scala
       cells_t[idx] = out_t[idx] = scalar_t(0);
       continue;
     }
-    const acc_t i = sigmoid_dev(static_cast<acc_t>(g[j])), f = sigmoid_dev(static_cast<acc_t>(g[H + j])),
-                gg = tanh(static_cast<acc_t>(g[2 * H + j])), o = sigmoid_dev(static_cast<acc_t>(g[3 * H + j]));
-    const acc_t cj = f * static_cast<acc_t>(c[idx]) + i * gg;
-    const scalar_t hj = o * tanh(cj);
-    g[j] = i;
-    g[H + j] = f;
-    g[2 * H + j] = gg;
-    g[3 * H + j] = o;
+    acc_t gate[4] = {g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
+    acc_t hj;
+    const acc_t cj = lstm_gates_fwd(gate, static_cast<acc_t>(c[idx]), &hj);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) g[k * H + j] = gate[k];
     cells_t[idx] = c[idx] = cj;
     out_t[idx] = h[idx] = hj;
   }
@@ -76,33 +71,28 @@ __global__ void lstm_layer_step_bwd_kernel(const scalar_t* __restrict__ gates_t,
     const SequenceSteps steps = sequence_steps(length, reverse);
     const bool at_last = t == steps.last, at_first = t == steps.first;
     const scalar_t* g = gates_t + b * 4 * H;
-    const acc_t i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
-    const acc_t tc = tanh(static_cast<acc_t>(cells_t[idx]));
+    const acc_t gate[4] = {g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
     const acc_t c_prev = at_first ? c0[idx] : cells_prev[idx];
     const acc_t dh = static_cast<acc_t>(grad_out_t[idx]) + static_cast<acc_t>(at_last ? grad_h_n[idx] : grad_h[idx]);
-    const acc_t dc = static_cast<acc_t>(at_last ? grad_c_n[idx] : grad_c[idx]) + dh * o * (acc_t(1) - tc * tc);
-    const scalar_t d_i = dc * gg * i * (acc_t(1) - i), d_f = dc * c_prev * f * (acc_t(1) - f),
-                   d_g = dc * i * (acc_t(1) - gg * gg), d_o = dh * tc * o * (acc_t(1) - o);
+    const acc_t dc = static_cast<acc_t>(at_last ? grad_c_n[idx] : grad_c[idx]);
+    acc_t d_gate[4];
+    const acc_t d_c_prev = lstm_gates_bwd(gate, static_cast<acc_t>(cells_t[idx]), c_prev, dh, dc, d_gate);
+    const scalar_t d_i = d_gate[0], d_f = d_gate[1], d_g = d_gate[2], d_o = d_gate[3];
     dg[j] = d_i;
     dg[H + j] = d_f;
     dg[2 * H + j] = d_g;
     dg[3 * H + j] = d_o;
     if (at_first) {
-      grad_cx[idx] = dc * f;
+      grad_cx[idx] = d_c_prev;
       scalar_t* dg_first = grad_gates_first + b * 4 * H;
       dg_first[j] = d_i;
       dg_first[H + j] = d_f;
       dg_first[2 * H + j] = d_g;
       dg_first[3 * H + j] = d_o;
     } else {
-      grad_c_prev[idx] = dc * f;
+      grad_c_prev[idx] = d_c_prev;
     }
   }
-}
-
-dim3 elementwise_grid(int64_t n, int threads) {
-  const int64_t blocks = (n + threads - 1) / threads;
-  return dim3(static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535)));
 }
 
 constexpr int kThreads = 256;
@@ -160,15 +150,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& output, const at::Tensor& gates,
     const at::Tensor& cells) {
-  check_lstm_layer_args(input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, lengths);
+  check_lstm_layer_bwd_args(grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, lengths, output, gates,
+                            cells);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t T = input.size(0), B = input.size(1), H = hx.size(1);
-  check_shape(grad_output, "grad_output", {T, B, H});
-  check_shape(grad_h_n, "grad_h_n", {B, H});
-  check_shape(grad_c_n, "grad_c_n", {B, H});
-  check_shape(output, "output", {T, B, H});
-  check_shape(gates, "gates", {T, B, 4 * H});
-  check_shape(cells, "cells", {T, B, H});
   const at::Tensor go = grad_output.contiguous(), ghn = grad_h_n.contiguous(), gcn = grad_c_n.contiguous(),
                    gt = gates.contiguous(), cc = cells.contiguous(), c0 = cx.contiguous();
   at::Tensor grad_gates = at::empty({T, B, 4 * H}, input.options());

@@ -52,3 +52,23 @@ def check_state_pair(hx, arg="hx"):
     if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
         fail(arg, f"expected a pair (h, c) of tensors, got {type(hx).__name__}")
     return hx
+
+
+def check_lstm_args(input, input_rank, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
+    """input [B, I] (a cell) or [T, B, I] (a layer), hx/cx [B, H], w_ih [4H, I], w_hh [4H, H], biases [4H]; one
+    device and dtype. The C++ kernels check the same (csrc/lstm_cell.h)."""
+    check_rank(input, "input", input_rank)
+    for t, arg in ((hx, "hx[0]"), (cx, "hx[1]"), (w_ih, "w_ih"), (w_hh, "w_hh")):
+        check_rank(t, arg, 2)
+    (B, I), H = input.shape[-2:], hx.shape[1]
+    check_float_dtype(input, "input", backend)
+    for t, arg, shape in ((hx, "hx[0]", (B, H)), (cx, "hx[1]", (B, H)), (w_ih, "w_ih", (4 * H, I)),
+                          (w_hh, "w_hh", (4 * H, H))):
+        check_shape(t, arg, shape)
+        check_like(t, arg, input, "input")
+    if (b_ih is None) != (b_hh is None):
+        fail("b_ih", "b_ih and b_hh must be given together")
+    if b_ih is not None:
+        for t, arg in ((b_ih, "b_ih"), (b_hh, "b_hh")):
+            check_shape(t, arg, (4 * H,))
+            check_like(t, arg, input, "input")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastseq2seq import _extension
 from fastseq2seq.backends import select_backend
-from fastseq2seq.ops._checks import check_float_dtype, check_like, check_rank, check_shape, check_state_pair, fail
+from fastseq2seq.ops._checks import check_lstm_args, check_rank, check_shape, check_state_pair
 
 
 def lstm_cell_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
@@ -25,21 +25,7 @@ def lstm_cell_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 
 def check_lstm_cell_args(input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
-    for t, arg, rank in ((input, "input", 2), (hx, "hx[0]", 2), (cx, "hx[1]", 2), (w_ih, "w_ih", 2),
-                         (w_hh, "w_hh", 2)):
-        check_rank(t, arg, rank)
-    (B, I), H = input.shape, hx.shape[1]
-    check_float_dtype(input, "input", backend)
-    for t, arg, shape in ((hx, "hx[0]", (B, H)), (cx, "hx[1]", (B, H)), (w_ih, "w_ih", (4 * H, I)),
-                          (w_hh, "w_hh", (4 * H, H))):
-        check_shape(t, arg, shape)
-        check_like(t, arg, input, "input")
-    if (b_ih is None) != (b_hh is None):
-        fail("b_ih", "b_ih and b_hh must be given together")
-    if b_ih is not None:
-        for t, arg in ((b_ih, "b_ih"), (b_hh, "b_hh")):
-            check_shape(t, arg, (4 * H,))
-            check_like(t, arg, input, "input")
+    check_lstm_args(input, 2, hx, cx, w_ih, w_hh, b_ih, b_hh, backend)
 
 
 @torch.library.custom_op("fastseq2seq::lstm_cell_fwd_triton", mutates_args=(), device_types=("cpu", "cuda"))

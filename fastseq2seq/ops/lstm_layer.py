@@ -16,8 +16,7 @@ from torch import Tensor
 
 from fastseq2seq import _extension
 from fastseq2seq.backends import select_backend
-from fastseq2seq.ops._checks import (check_float_dtype, check_like, check_rank, check_shape, check_state_pair,
-                                     check_tensor, fail)
+from fastseq2seq.ops._checks import check_lstm_args, check_rank, check_shape, check_state_pair, check_tensor, fail
 from fastseq2seq.ops.lstm_cell import lstm_cell_reference
 
 
@@ -42,21 +41,8 @@ def lstm_layer_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths
 
 def check_lstm_layer_args(input, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, backend):
     """Ranks, shapes, dtypes and devices; the C++ kernels check the same (csrc/lstm_layer.h)."""
-    check_rank(input, "input", 3)
-    for t, arg in ((hx, "hx[0]"), (cx, "hx[1]"), (w_ih, "w_ih"), (w_hh, "w_hh")):
-        check_rank(t, arg, 2)
-    (_, B, I), H = input.shape, hx.shape[1]
-    check_float_dtype(input, "input", backend)
-    for t, arg, shape in ((hx, "hx[0]", (B, H)), (cx, "hx[1]", (B, H)), (w_ih, "w_ih", (4 * H, I)),
-                          (w_hh, "w_hh", (4 * H, H))):
-        check_shape(t, arg, shape)
-        check_like(t, arg, input, "input")
-    if (b_ih is None) != (b_hh is None):
-        fail("b_ih", "b_ih and b_hh must be given together")
-    if b_ih is not None:
-        for t, arg in ((b_ih, "b_ih"), (b_hh, "b_hh")):
-            check_shape(t, arg, (4 * H,))
-            check_like(t, arg, input, "input")
+    check_lstm_args(input, 3, hx, cx, w_ih, w_hh, b_ih, b_hh, backend)
+    B = input.shape[1]
     if lengths is not None:
         check_shape(lengths, "lengths", (B,))
         if lengths.dtype != torch.int64:
