@@ -228,7 +228,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return float(mean_loss.detach()), tokens, batch.tokens
+        return float(mean_loss.detach()), int(tokens), batch.tokens
 
     def validation_loss(self):
         from fastseq2seq.models import sequence_loss
@@ -241,7 +241,7 @@ class Trainer:
                 with _autocast(self.device, self.config):
                     logits = self.model(batch.src, batch.src_lengths, batch.tgt_in)
                 loss, n = sequence_loss(logits.float(), batch.tgt_out, pad_id=PAD_ID)
-                total, tokens = total + float(loss) * n, tokens + n
+                total, tokens = total + float(loss) * int(n), tokens + int(n)
         return total / max(tokens, 1)
 
     def validate_and_save(self) -> str:

@@ -61,7 +61,7 @@ def load_for_decoding(path, device):
 
 def translate_stream(model, vocab, lines, output, *, beam, device, max_chars):
     """Translate an iterable of raw byte lines in chunks, writing and flushing each chunk's translations."""
-    chunk, where = [], []
+    chunk = []
 
     def flush():
         sentences = [line for line in chunk if line.strip()]
