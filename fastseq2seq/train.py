@@ -320,12 +320,13 @@ class Trainer:
                     config.max_epochs and self.batches.epoch >= config.max_epochs)
                 decision = ""
                 if self.rank == 0:
-                    if self.step % config.valid_every == 0 or out_of_time or interrupted or last_step:
-                        decision = self.validate_and_save()
-                    if interrupted:
+                    if interrupted:  # save at once, without validating: the user is waiting
+                        checkpoint.save_atomic(self.state(), self.last_path)
                         decision = "interrupted"
-                    elif out_of_time and not decision:
-                        decision = f"max_minutes={config.max_minutes} reached"
+                    elif self.step % config.valid_every == 0 or out_of_time or last_step:
+                        decision = self.validate_and_save()
+                        if out_of_time and not decision:
+                            decision = f"max_minutes={config.max_minutes} reached"
                 stop_reason = self.dist.broadcast_object(decision)  # every rank stops at the same step
         finally:
             progress.close()

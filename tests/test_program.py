@@ -232,6 +232,31 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert split["step"] == 6 and split["data"] == torch.load(tmp_path / "straight" / "last.pt")["data"]
 
 
+def test_interrupt_saves_last_and_resume_is_exact(corpus, tmp_path, monkeypatch):
+    import signal
+
+    from fastseq2seq.config import Interrupted
+    from fastseq2seq.train import Trainer
+
+    straight = train(make_config(tiny(corpus, tmp_path / "straight", max_steps=5, valid_every=10)))
+    one_step = Trainer.train_step
+
+    def step_then_ctrl_c(self):
+        result = one_step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    with pytest.raises(Interrupted, match="step 2"):
+        train(make_config(tiny(corpus, tmp_path / "cut", max_steps=5, valid_every=10)))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == 2
+    resumed = train(make_config(tiny(corpus, tmp_path / "cut", max_steps=5, valid_every=10)), resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_existing_run_is_never_overwritten(corpus, trained, capsys):
     before = (trained / "last.pt").read_bytes()
     status, _, err = run_main(capsys, "train", *flags(tiny(corpus, trained)))
