@@ -253,13 +253,14 @@ class Trainer:
         result["loss"] = self.validation_loss()
         value = result[config.metric]
         improved = _better(config.metric, value, self.best)
+        tied = value == self.best  # a tie still replaces best.pt (more trained), but does not reset patience
         if improved:
             self.best, self.bad_validations = value, 0
         else:
             self.bad_validations += 1
         state = self.state()
         checkpoint.save_atomic(state, self.last_path)
-        if improved:
+        if improved or tied:
             checkpoint.save_atomic(state, self.best_path)
         self.logs.write({"step": self.step, "epoch": self.batches.epoch, "valid_loss": result["loss"],
                          "bleu": result["bleu"], "chrf": result["chrf"], "exact_match": result["exact_match"],
@@ -270,7 +271,7 @@ class Trainer:
 
         tqdm.write(f"step {self.step}: valid loss {result['loss']:.3f}  BLEU {result['bleu']:.2f}  "
                    f"chrF {result['chrf']:.2f}  exact match {result['exact_match']:.4f}"
-                   f"{'  (best)' if improved else ''}\n  {result['bleu_signature']}\n  {result['chrf_signature']}")
+                   f"{'  (best)' if improved or tied else ''}\n  {result['bleu_signature']}\n  {result['chrf_signature']}")
         if _reached(config.metric, value, config.stop_at_metric):
             return f"{config.metric} reached stop_at_metric={config.stop_at_metric}"
         if config.patience and self.bad_validations >= config.patience:
