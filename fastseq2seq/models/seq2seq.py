@@ -182,6 +182,7 @@ def sequence_loss(logits: Tensor, target: Tensor, *, pad_id=0, label_smoothing=0
     """Cross-entropy of logits [B, T, V] against target [B, T], label-smoothed, averaged over the non-padding
     target tokens. Returns (loss, number of non-padding tokens)."""
     n_tokens = (target != pad_id).sum()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=pad_id,
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision logits: sum in float32
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=pad_id,
                            label_smoothing=label_smoothing, reduction="sum")
     return loss / n_tokens.clamp(min=1), n_tokens
