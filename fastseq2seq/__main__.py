@@ -51,7 +51,7 @@ def _parser():
                                             "out in English, French and German -> digits), no download needed")
     demo.add_argument("--out", default="runs/demo", help="folder for the data, checkpoints, log and plots")
     demo.add_argument("--minutes", type=float, default=2.4,
-                      help="training time budget; with data, vocabulary and scoring the demo stays under 3 (default 2.4)")
+                      help="training time budget; with data, vocabulary and scoring, under 3 in all (default 2.4)")
 
     train = commands.add_parser("train", help="train a model from a YAML config (every key also a flag)")
     train.add_argument("--config", help="YAML file of config keys (see configs/)")

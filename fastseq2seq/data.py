@@ -174,7 +174,8 @@ class BucketedBatches:
         for i in by_length:
             longest_if_added = max(longest, self._cost(i))
             # at least world_size rows, so that every rank has a share of each batch
-            if current and len(current) >= self.world_size and longest_if_added * (len(current) + 1) > self.batch_tokens:
+            over_budget = longest_if_added * (len(current) + 1) > self.batch_tokens
+            if current and len(current) >= self.world_size and over_budget:
                 batches.append(current)
                 current, longest_if_added = [], self._cost(i)
             current.append(i)

@@ -58,8 +58,10 @@ def _prepare_out(config, resume, rank):
     last = os.path.join(config.out, "last.pt")
     if resume and not os.path.exists(last):
         raise UsageError(f"--resume: {last} does not exist")
-    if not resume and os.path.exists(last):
-        raise UsageError(f"{last} exists: pass --resume to continue that run, or choose another --out")
+    if not resume:
+        for existing in (last, os.path.join(config.out, "best.pt")):
+            if os.path.exists(existing):
+                raise UsageError(f"{existing} exists: pass --resume to continue that run, or choose another --out")
     if rank == 0:
         os.makedirs(config.out, exist_ok=True)
     return last
@@ -271,7 +273,8 @@ class Trainer:
 
         tqdm.write(f"step {self.step}: valid loss {result['loss']:.3f}  BLEU {result['bleu']:.2f}  "
                    f"chrF {result['chrf']:.2f}  exact match {result['exact_match']:.4f}"
-                   f"{'  (best)' if improved or tied else ''}\n  {result['bleu_signature']}\n  {result['chrf_signature']}")
+                   f"{'  (best)' if improved or tied else ''}\n"
+                   f"  {result['bleu_signature']}\n  {result['chrf_signature']}")
         if _reached(config.metric, value, config.stop_at_metric):
             return f"{config.metric} reached stop_at_metric={config.stop_at_metric}"
         if config.patience and self.bad_validations >= config.patience:

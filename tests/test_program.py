@@ -10,11 +10,10 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from fastseq2seq import checkpoint
 from fastseq2seq.__main__ import main
-from fastseq2seq.config import FIELDS, UsageError, make_config
+from fastseq2seq.config import FIELDS, make_config
 from fastseq2seq.data import EOS_ID, BOS_ID, BucketedBatches, Vocabulary, read_parallel
 from fastseq2seq.train import lr_factor, train
 
@@ -149,16 +148,22 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
-def test_bad_training_data_is_one_line_error_and_keeps_existing_files(tmp_path, capsys, corpus, case):
+def test_bad_training_data_is_one_line_error_and_writes_nothing(tmp_path, capsys, corpus, case):
     make_paths, words = BAD_DATA[case]
     src, tgt = make_paths(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "best.pt").write_bytes(b"an earlier run's checkpoint")
+    (out / "notes.txt").write_text("written before")
     status, _, err = run_main(capsys, "train", *flags(tiny(corpus, out, train_src=src, train_tgt=tgt)))
     assert_one_line_error(status, err, *words)
-    assert (out / "best.pt").read_bytes() == b"an earlier run's checkpoint"
-    assert not (out / "last.pt").exists()
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "written before"
+
+
+def test_a_folder_with_an_earlier_best_checkpoint_is_not_reused(tmp_path, capsys, corpus):
+    (tmp_path / "best.pt").write_bytes(b"an earlier run's checkpoint")
+    status, _, err = run_main(capsys, "train", *flags(tiny(corpus, tmp_path)))
+    assert_one_line_error(status, err, "best.pt exists")
+    assert (tmp_path / "best.pt").read_bytes() == b"an earlier run's checkpoint"
 
 
 def test_error_in_a_fresh_process_has_no_traceback(tmp_path):
@@ -268,7 +273,8 @@ def test_resume_with_another_vocabulary_is_an_error(corpus, trained, tmp_path, c
     other = Vocabulary.train(["quite different text here"] * 20 + ["more words"], 20, "unigram")
     (tmp_path / "other.model").write_bytes(other.model_bytes)
     before = (trained / "last.pt").read_bytes()
-    status, _, err = run_main(capsys, "train", "--resume", *flags(tiny(corpus, trained, vocab=tmp_path / "other.model")))
+    other_vocab = tiny(corpus, trained, vocab=tmp_path / "other.model")
+    status, _, err = run_main(capsys, "train", "--resume", *flags(other_vocab))
     assert_one_line_error(status, err, "another vocabulary")
     assert (trained / "last.pt").read_bytes() == before
 
