@@ -6,12 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu) setup.py pyproject.toml
 
-.PHONY: test install bench-quick clean
+.PHONY: test install demo bench-quick clean
 
 test: $(VENV)/.built
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 install: $(VENV)/.built
+
+# The program's main job on a fresh clone: train a small translator on an embedded task, no download.
+demo: $(VENV)/.built
+	$(VENV)/bin/fastseq2seq demo
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
