@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "cpu_dispatch.h"
 #include "fast_math.h"
 
 namespace fastseq2seq {
@@ -19,19 +20,6 @@ constexpr int64_t kPartials = 32;
 // Query rows of one batch element that share each load of a key and of a value row.
 constexpr int64_t kRowGroup = 4;
 
-// The extension is compiled for baseline x86-64 (SSE2). The row loops below are always inlined into two
-// entry points, one of them compiled for AVX2+FMA and chosen at run time when the CPU has it.
-#define FS2S_ROW_INLINE [[gnu::always_inline]] inline
-#if defined(__x86_64__)
-#define FS2S_TARGET_AVX2 __attribute__((target("avx2,fma")))
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#else
-#define FS2S_TARGET_AVX2
-bool cpu_has_avx2() { return false; }
-#endif
 
 // sum over i < n of term(i), in independent partial sums: one running sum would wait on each add's latency.
 template <typename T, typename Term>
