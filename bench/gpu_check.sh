@@ -28,7 +28,7 @@ SUMMARY=$(grep -E "passed|failed|error" "$OUT/pytest_gpu.txt" | tail -1)
 log "benchmarks"
 for script in bench/bench_*.py; do
   name=$(basename "$script" .py)
-  timeout 120 $PY "$script" --device cuda --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt" || log "$name did not finish"
+  timeout 120 $PY "$script" --device cuda --quick --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt" || log "$name did not finish"
 done
 
 $PY - "$OUT" "$COMMIT" "$SUMMARY" <<'PYEOF'
