@@ -1,4 +1,5 @@
 """Decoding (greedy or beam search, batched by length), `fastseq2seq translate` and `fastseq2seq evaluate`."""
+import select
 import sys
 
 import torch
@@ -7,7 +8,7 @@ from fastseq2seq import checkpoint
 from fastseq2seq.config import UsageError
 from fastseq2seq.data import EOS_ID, check_line, decode_line, read_lines, source_batch
 
-STREAM_LINES = 256  # translate reads this many lines, writes their translations, then reads on
+STREAM_LINES = 256  # translate batches up to this many lines, fewer when no more input has arrived yet
 
 
 @torch.no_grad()
@@ -59,8 +60,16 @@ def load_for_decoding(path, device):
     return model.to(device), vocab
 
 
+def input_pending(stream) -> bool:
+    """False when reading on would wait (a pipe or terminal with nothing more yet): answer what has come first."""
+    try:
+        return bool(select.select([stream], [], [], 0)[0])
+    except (OSError, ValueError, TypeError, AttributeError):  # not backed by a file descriptor: never waits
+        return True
+
+
 def translate_stream(model, vocab, lines, output, *, beam, device, max_chars):
-    """Translate an iterable of raw byte lines in chunks, writing and flushing each chunk's translations."""
+    """Translate raw byte lines in chunks, writing and flushing each chunk's translations."""
     chunk = []
 
     def flush():
@@ -76,7 +85,7 @@ def translate_stream(model, vocab, lines, output, *, beam, device, max_chars):
         if line.strip():
             check_line(line, f"input line {number}", max_chars)
         chunk.append(line)
-        if len(chunk) == STREAM_LINES:
+        if len(chunk) == STREAM_LINES or not input_pending(lines):
             flush()
     if chunk:
         flush()

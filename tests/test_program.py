@@ -5,6 +5,7 @@ Models here are tiny and train for a few steps: these tests check the plumbing, 
 import gzip
 import io
 import os
+import select
 import subprocess
 import sys
 
@@ -323,6 +324,22 @@ def test_translate_streams_one_line_per_input_line(trained, capsys, monkeypatch)
     outputs = out.split("\n")[:-1]
     assert len(outputs) == len(lines) and outputs[-2] == ""
     assert outputs[0] == outputs[3] and "▁" not in out  # batched consistently; detokenized
+
+
+def test_translate_answers_each_line_before_more_input_arrives(trained):
+    # A pipe kept open, as from an interactive user: the translation must come before the input ends.
+    proc = subprocess.Popen([sys.executable, "-m", "fastseq2seq", "translate", "--checkpoint",
+                             str(trained / "best.pt")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write((spell(12) + "\n").encode())
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "no translation within 60 s while the input stayed open"
+        assert proc.stdout.readline().strip()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
 
 
 def test_translate_rejects_invalid_utf8_input(trained, capsys, monkeypatch):
