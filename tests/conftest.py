@@ -47,3 +47,18 @@ def backend_cases():
 
 def interpreted_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Bad arguments for the LSTM ops, as edits of the list (input, h, c, w_ih, w_hh, b_ih, b_hh), and the argument
+# each error must name; shared by the cell and the layer tests.
+LSTM_BAD_INPUTS = [
+    (lambda a: a.__setitem__(0, a[0][0]), "input"),                      # wrong rank
+    (lambda a: a.__setitem__(1, a[1][:2]), "hx[0]"),                     # mismatched B
+    (lambda a: a.__setitem__(2, a[2][:, :-1]), "hx[1]"),                 # mismatched H
+    (lambda a: a.__setitem__(3, a[3][:-1]), "w_ih"),                     # not 4H rows
+    (lambda a: a.__setitem__(4, a[4][:, :-1]), "w_hh"),
+    (lambda a: a.__setitem__(5, a[5][:-1]), "b_ih"),
+    (lambda a: a.__setitem__(6, None), "b_ih"),                          # one bias only
+    (lambda a: a.__setitem__(3, a[3].double()), "w_ih"),                 # mixed dtypes
+    (lambda a: a.__setitem__(2, a[2].to("meta")), "hx[1]"),              # mixed devices
+]

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import assert_close, backend_cases, interpreted_triton
+from conftest import LSTM_BAD_INPUTS, assert_close, backend_cases, interpreted_triton
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -243,17 +243,7 @@ def test_bad_lengths_name_the_argument(backend, lengths, arg, match):
 
 
 @pytest.mark.parametrize("backend", all_backends_here())
-@pytest.mark.parametrize("mutate,arg", [
-    (lambda a: a.__setitem__(0, a[0][0]), "input"),                      # not [T, B, I]
-    (lambda a: a.__setitem__(1, a[1][:2]), "hx[0]"),                     # mismatched B
-    (lambda a: a.__setitem__(2, a[2][:, :2]), "hx[1]"),                  # mismatched H
-    (lambda a: a.__setitem__(3, a[3][:-1]), "w_ih"),                     # not 4H rows
-    (lambda a: a.__setitem__(4, a[4][:, :-1]), "w_hh"),
-    (lambda a: a.__setitem__(5, a[5][:-1]), "b_ih"),
-    (lambda a: a.__setitem__(6, None), "b_ih"),                          # one bias only
-    (lambda a: a.__setitem__(3, a[3].double()), "w_ih"),                 # mixed dtypes
-    (lambda a: a.__setitem__(2, a[2].to("meta")), "hx[1]"),              # mixed devices
-])
+@pytest.mark.parametrize("mutate,arg", LSTM_BAD_INPUTS)
 def test_bad_input_names_the_argument(backend, mutate, arg):
     args = make_inputs(4, 3, 2, 3, torch.float32, "cpu")
     mutate(args)
