@@ -1,5 +1,6 @@
 """Shared timing for the benchmark scripts: warm-up, then candidates alternated call by call so that
 machine drift hits all of them alike; medians with the spread; ratios against a named baseline."""
+import argparse
 import json
 import platform
 import statistics
@@ -92,3 +93,19 @@ def print_table(rows, columns):
 def save_json(path, device, rows, **extra):
     with open(path, "w") as f:
         json.dump({"environment": environment(device), "rows": rows, **extra}, f, indent=2)
+
+
+def bench_parser(doc, *, repeats, quick):
+    """The options every benchmark script takes; each adds its own shapes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to compile)")
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--json", default=None, help="also write the rows and the environment to this JSON file")
+    return p
+
+
+def bench_dtype(args):
+    return getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))

@@ -9,14 +9,13 @@ Eager chain, dot: bmm, masked_fill, softmax, bmm; additive: add, tanh, matmul, m
 The fused op and the chains return the weights; SDPA cannot, so it is compared with the op's return_weights=False.
 Times are medians of alternated runs after warm-up; "vs eager" is eager time / this time (> 1: faster than eager).
 """
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import peak_memory_bytes, print_table, save_json, time_alternating  # noqa: E402
+from _timing import bench_dtype, bench_parser, peak_memory_bytes, print_table, save_json, time_alternating  # noqa: E402
 
 from fastseq2seq.ops import attention  # noqa: E402
 
@@ -76,9 +75,7 @@ def candidates(B, T, S, D, score, dtype, device, backward, compiled_chains):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p = bench_parser(__doc__, repeats=20, quick="decode B=64, S=50 and the teacher-forced shape, few repeats")
     p.add_argument("--score", nargs="+", default=["dot", "additive"], choices=["dot", "additive"])
     p.add_argument("--B", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--S", type=int, nargs="+", default=[50, 400, 4096])
@@ -87,12 +84,8 @@ def main(argv=None):
     passes = p.add_mutually_exclusive_group()
     passes.add_argument("--forward", action="store_true", help="forward only")
     passes.add_argument("--backward", action="store_true", help="forward+backward only")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to compile)")
-    p.add_argument("--quick", action="store_true", help="decode B=64, S=50 and the teacher-forced shape, few repeats")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = bench_dtype(args)
     if args.quick:
         args.B, args.S, args.repeats = [64], [50], 10
     shapes = [(B, 1, S) for B in args.B for S in args.S]

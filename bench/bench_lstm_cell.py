@@ -4,14 +4,13 @@
                                   [--no-compile] [--quick] [--json PATH]
 Times are medians of alternated runs after warm-up; ratios are baseline time / our time (> 1: we are faster).
 """
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import print_table, save_json, time_alternating  # noqa: E402
+from _timing import bench_dtype, bench_parser, print_table, save_json, time_alternating  # noqa: E402
 
 import fastseq2seq  # noqa: E402
 from fastseq2seq.ops import lstm_cell, lstm_cell_reference  # noqa: E402
@@ -46,17 +45,11 @@ def candidates(B, H, dtype, device, backward, compile_reference):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p = bench_parser(__doc__, repeats=30, quick="B=64, H=512 only, few repeats")
     p.add_argument("--B", type=int, nargs="+", default=[8, 64, 256])
     p.add_argument("--H", type=int, nargs="+", default=[256, 512, 1024])
-    p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to compile)")
-    p.add_argument("--quick", action="store_true", help="B=64, H=512 only, few repeats")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = bench_dtype(args)
     if args.quick:
         args.B, args.H, args.repeats = [64], [512], 10
     rows = []

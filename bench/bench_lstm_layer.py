@@ -7,7 +7,6 @@ I = H. Times are medians of alternated runs after warm-up; ratios are nn.LSTM ti
 With lengths, nn.LSTM runs on a PackedSequence (packing and unpacking timed with it) and the loops mask per step.
 "peak MiB" is the peak device memory of one training step (forward+backward), CUDA only.
 """
-import argparse
 import os
 import sys
 
@@ -15,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import peak_memory_bytes, print_table, save_json, time_alternating  # noqa: E402
+from _timing import bench_dtype, bench_parser, peak_memory_bytes, print_table, save_json, time_alternating  # noqa: E402
 
 import fastseq2seq  # noqa: E402
 from fastseq2seq.ops import lstm_layer, lstm_layer_reference  # noqa: E402
@@ -87,20 +86,14 @@ def candidates(T, B, H, dtype, device, backward, with_lengths, compile_reference
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p = bench_parser(__doc__, repeats=15, quick="T=50, B=64, H=512, no lengths, few repeats")
     p.add_argument("--T", type=int, nargs="+", default=[50, 100, 500])
     p.add_argument("--B", type=int, nargs="+", default=[8, 64, 256])
     p.add_argument("--H", type=int, nargs="+", default=[256, 512, 1024], help="hidden size, also the input size")
     p.add_argument("--lengths", choices=("none", "random", "both"), default="both")
     p.add_argument("--passes", choices=("fwd", "fwd+bwd", "both"), default="both")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to compile)")
-    p.add_argument("--quick", action="store_true", help="T=50, B=64, H=512, no lengths, few repeats")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = bench_dtype(args)
     if args.quick:
         args.T, args.B, args.H, args.lengths, args.repeats = [50], [64], [512], "none", 5
     passes = {"fwd": [False], "fwd+bwd": [True], "both": [False, True]}[args.passes]

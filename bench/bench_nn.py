@@ -4,14 +4,13 @@
                            [--bidirectional] [--quick] [--json PATH]
 "module overhead" = module time / raw-op time - 1 (target: <= 5% at B=64, H=512).
 """
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import print_table, save_json, time_alternating  # noqa: E402
+from _timing import bench_dtype, bench_parser, print_table, save_json, time_alternating  # noqa: E402
 
 from fastseq2seq.nn import LSTM  # noqa: E402
 from fastseq2seq.ops import lstm_layer  # noqa: E402
@@ -47,20 +46,14 @@ def candidates(T, B, H, layers, bidirectional, dtype, device, backward):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p = bench_parser(__doc__, repeats=20, quick="T=20, few repeats")
     p.add_argument("--T", type=int, default=50)
     p.add_argument("--B", type=int, default=64)
     p.add_argument("--H", type=int, default=512)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--bidirectional", action="store_true")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--no-compile", action="store_true", help="accepted for a uniform interface; nothing compiles here")
-    p.add_argument("--quick", action="store_true", help="T=20, few repeats")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = bench_dtype(args)
     if args.quick:
         args.T, args.repeats = 20, 10
     rows = []

@@ -8,8 +8,6 @@ OpenNMT-py, fairseq and Joey NMT run this model. Its torch.compile variant compi
 and its decoder step (decoding). Decoding runs a random model for exactly max_len = T steps, so every candidate
 does the same work. Times are medians of alternated runs after warm-up; ratios are plain time / this time.
 """
-import argparse
-import contextlib
 import copy
 import os
 import sys
@@ -17,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import print_table, save_json, time_alternating  # noqa: E402
+from _timing import bench_dtype, bench_parser, print_table, save_json, time_alternating  # noqa: E402
 
 import fastseq2seq  # noqa: E402
 from fastseq2seq.models import Seq2Seq, sequence_loss  # noqa: E402
@@ -81,9 +79,7 @@ def decoding_candidates(model, batch, compile_plain, decode):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p = bench_parser(__doc__, repeats=10, quick="few repeats")
     p.add_argument("--B", type=int, default=64)
     p.add_argument("--S", type=int, default=30)
     p.add_argument("--T", type=int, default=30)
@@ -93,14 +89,10 @@ def main(argv=None):
     p.add_argument("--attention", default="bahdanau", choices=["bahdanau", "luong-dot", "luong-general"])
     p.add_argument("--no-input-feeding", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to compile)")
-    p.add_argument("--quick", action="store_true", help="few repeats")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = bench_dtype(args)
     repeats = 3 if args.quick else args.repeats
     torch.manual_seed(0)
     model = Seq2Seq(args.vocab, args.vocab, emb_dim=args.emb, hidden_size=args.hidden, attention=args.attention,
