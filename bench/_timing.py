@@ -43,6 +43,14 @@ def time_alternating(candidates, device, repeats=30, warmup=3, min_seconds=0.0):
     return stats
 
 
+def without_grad(fn):
+    """fn as a forward-only candidate: no autograd graph is built."""
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
+
+
 def peak_memory_bytes(fn, device):
     """Peak device memory allocated while fn runs (CUDA only; None on CPU)."""
     if torch.device(device).type != "cuda":

@@ -10,7 +10,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import bench_dtype, bench_parser, print_table, save_json, time_alternating  # noqa: E402
+from _timing import bench_dtype, bench_parser, print_table, save_json, time_alternating, without_grad  # noqa: E402
 
 import fastseq2seq  # noqa: E402
 from fastseq2seq.ops import lstm_cell, lstm_cell_reference  # noqa: E402
@@ -28,10 +28,7 @@ def candidates(B, H, dtype, device, backward, compile_reference):
 
     def step(fn):
         if not backward:
-            def run():
-                with torch.no_grad():
-                    fn()
-            return run
+            return without_grad(fn)
         return lambda: torch.autograd.grad(fn(), inputs, grads)
 
     found = {"nn.LSTMCell": step(lambda: cell(x, (h, c)))}

@@ -10,7 +10,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import bench_dtype, bench_parser, print_table, save_json, time_alternating  # noqa: E402
+from _timing import bench_dtype, bench_parser, print_table, save_json, time_alternating, without_grad  # noqa: E402
 
 from fastseq2seq.nn import LSTM  # noqa: E402
 from fastseq2seq.ops import lstm_layer  # noqa: E402
@@ -35,10 +35,7 @@ def candidates(T, B, H, layers, bidirectional, dtype, device, backward):
 
     def step(fn):
         if not backward:
-            def run():
-                with torch.no_grad():
-                    fn()
-            return run
+            return without_grad(fn)
         return lambda: fn().sum().backward()
 
     return {"torch.nn.LSTM": step(lambda: plain(x)[0]), "raw lstm_layer ops": step(raw_ops),

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastseq2seq import _extension
 from fastseq2seq.backends import select_backend
 from fastseq2seq.ops._checks import check_float_dtype, check_like, check_rank, check_shape, check_tensor, fail
+from fastseq2seq.ops._registry import register_fused_ops
 
 SCORES = ("dot", "additive")
 
@@ -158,15 +158,7 @@ def _autograd_backward(bwd_op):
     return backward
 
 
-_FUSED_OPS = {"triton": (torch.ops.fastseq2seq.attention_fwd_triton.default,
-                         torch.ops.fastseq2seq.attention_bwd_triton.default)}
-if _extension.loaded():
-    _cpp_ops = (torch.ops.fastseq2seq.attention_fwd.default, torch.ops.fastseq2seq.attention_bwd.default)
-    _FUSED_OPS.update(cpu=_cpp_ops, cuda=_cpp_ops)
-for _fwd, _bwd in set(_FUSED_OPS.values()):
-    torch.library.register_fake(_fwd)(_fwd_fake)
-    torch.library.register_fake(_bwd)(_bwd_fake)
-    torch.library.register_autograd(_fwd, _autograd_backward(_bwd), setup_context=_setup_context)
+_FUSED_OPS = register_fused_ops("attention", _fwd_fake, _bwd_fake, _autograd_backward, _setup_context)
 
 
 def attention(query, keys, values, *, mask=None, lengths=None, score="dot", v=None, return_weights=True,

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastseq2seq import _extension
 from fastseq2seq.backends import select_backend
 from fastseq2seq.ops._checks import check_lstm_args, check_rank, check_shape, check_state_pair, check_tensor, fail
+from fastseq2seq.ops._registry import register_fused_ops
 from fastseq2seq.ops.lstm_cell import lstm_cell_reference
 
 
@@ -126,15 +126,7 @@ def _autograd_backward(bwd_op):
     return backward
 
 
-_FUSED_OPS = {"triton": (torch.ops.fastseq2seq.lstm_layer_fwd_triton.default,
-                         torch.ops.fastseq2seq.lstm_layer_bwd_triton.default)}
-if _extension.loaded():
-    _cpp_ops = (torch.ops.fastseq2seq.lstm_layer_fwd.default, torch.ops.fastseq2seq.lstm_layer_bwd.default)
-    _FUSED_OPS.update(cpu=_cpp_ops, cuda=_cpp_ops)
-for _fwd, _bwd in set(_FUSED_OPS.values()):
-    torch.library.register_fake(_fwd)(_fwd_fake)
-    torch.library.register_fake(_bwd)(_bwd_fake)
-    torch.library.register_autograd(_fwd, _autograd_backward(_bwd), setup_context=_setup_context)
+_FUSED_OPS = register_fused_ops("lstm_layer", _fwd_fake, _bwd_fake, _autograd_backward, _setup_context)
 
 
 def lstm_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, reverse=False, backend=None):
