@@ -15,6 +15,7 @@
 
 #include "lstm_cell.h"
 #include "lstm_layer.h"
+#include "lstm_layer_persistent.h"
 
 #if AT_MKL_ENABLED() && defined(__linux__)
 #include <dlfcn.h>
@@ -231,6 +232,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      lengths, reverse, output);
 }
 
+// The size rule of the persistent CUDA recurrence as an op, so that tests and benchmarks ask the one function the
+// kernel uses: [units, blocks, chunk, splits, ld, smem bytes], or [] when the layer does not fit.
+std::vector<int64_t> lstm_layer_persistent_plan_op(int64_t batch, int64_t hidden, at::ScalarType dtype, int64_t sms,
+                                                   int64_t smem_per_block, int64_t cc_major) {
+  const auto plan = lstm_layer_persistent_plan(batch, hidden, dtype, sms, smem_per_block, cc_major);
+  if (!plan) return {};
+  return {plan->units, plan->blocks, plan->chunk, plan->splits, plan->ld, plan->smem};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastseq2seq, m) {
@@ -242,6 +252,9 @@ TORCH_LIBRARY_FRAGMENT(fastseq2seq, m) {
   m.def("lstm_layer_bwd(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor hx, Tensor cx,"
         " Tensor w_ih, Tensor w_hh, Tensor? lengths, bool reverse, Tensor output, Tensor gates, Tensor cells)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_layer_persistent_plan(int batch, int hidden, ScalarType dtype, int sms, int smem_per_block,"
+        " int cc_major) -> int[]",
+        &lstm_layer_persistent_plan_op);
 }
 
 TORCH_LIBRARY_IMPL(fastseq2seq, CPU, m) {

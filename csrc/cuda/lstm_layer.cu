@@ -7,8 +7,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "cuda/lstm_gates.cuh"
 #include "lstm_layer.h"
+#include "lstm_layer_persistent.h"
 
 namespace fastseq2seq {
 namespace {
@@ -97,12 +101,27 @@ __global__ void lstm_layer_step_bwd_kernel(const scalar_t* __restrict__ gates_t,
 
 constexpr int kThreads = 256;
 
-// The recurrence with per-step cuBLAS + the fused gate kernel: T GEMM launches and T kernel launches.
-// The persistent kernel of the next issue (W_hh held on chip across all steps, one launch for the whole loop)
-// plugs in here: lstm_layer_fwd_cuda calls this function, so a faster loop with the same contract (fill
-// gates/cells/output for every step, leave the final state in h/c) replaces its body or is dispatched from it.
+// FASTSEQ2SEQ_LSTM_RECURRENCE, read at every call: auto (default) | per-step | persistent. `auto` keeps the per-step
+// path, the one the tests have verified: the persistent kernel has not run on a GPU yet, so it runs only when asked.
+bool persistent_recurrence_requested() {
+  const char* value = std::getenv("FASTSEQ2SEQ_LSTM_RECURRENCE");
+  const std::string mode = value ? value : "";
+  if (mode.empty() || mode == "auto" || mode == "per-step") return false;
+  TORCH_CHECK_VALUE(mode == "persistent",
+                    "fastseq2seq: environment variable FASTSEQ2SEQ_LSTM_RECURRENCE must be auto, per-step or "
+                    "persistent for the cuda backend ('graph' is a triton-backend value), got '", mode, "'");
+  return true;
+}
+
+// Fills gates/cells/output for every step and leaves the final state in h/c (lstm_layer_fwd_cuda's loop). The
+// persistent kernel (W_hh on chip, one launch for all steps) runs when requested and its size rule fits; else the
+// per-step path: cuBLAS adds h_{t-1} W_hh^T into gates[t], then the fused gate kernel, T launches of each.
 void run_forward_recurrence(at::Tensor& gates, at::Tensor& cells, at::Tensor& output, at::Tensor& h, at::Tensor& c,
                             const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths, bool reverse) {
+  if (persistent_recurrence_requested() &&
+      lstm_layer_persistent_fwd(gates, cells, output, h, c, w_hh, lengths, reverse)) {
+    return;
+  }
   const int64_t T = gates.size(0), B = gates.size(1), H = h.size(1);
   const at::Tensor w_hh_t = w_hh.t();
   const int64_t* plengths = lengths ? lengths->const_data_ptr<int64_t>() : nullptr;
