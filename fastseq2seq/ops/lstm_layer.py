@@ -8,6 +8,8 @@ Backends: `reference` (pure torch loop over steps, below: the oracle every test 
 fastseq2seq::lstm_layer_fwd/_bwd from csrc/), `triton` (fastseq2seq::lstm_layer_fwd_triton/_bwd_triton, defined here
 around fastseq2seq.kernels.lstm_layer). Each fused forward returns (output, h_n, c_n, gates, cells): the activated
 gates [T, B, 4H] and cell states [T, B, H] of every step are what its backward op needs besides the inputs.
+FASTSEQ2SEQ_LSTM_RECURRENCE (auto | per-step | persistent, and graph for triton) picks how the cuda and triton
+forwards run the recurrence; `auto` is the per-step path (see the README).
 """
 from typing import Optional
 
