@@ -232,13 +232,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      lengths, reverse, output);
 }
 
-// The size rule of the persistent CUDA recurrence as an op, so that tests and benchmarks ask the one function the
-// kernel uses: [units, blocks, chunk, splits, ld, smem bytes], or [] when the layer does not fit.
+// The size rule of the persistent CUDA recurrences as an op, so that tests and benchmarks ask the one function the
+// kernels use: [units, rows, blocks, chunk, depth, splits, ld, smem bytes], or [] when the layer does not fit.
 std::vector<int64_t> lstm_layer_persistent_plan_op(int64_t batch, int64_t hidden, at::ScalarType dtype, int64_t sms,
-                                                   int64_t smem_per_block, int64_t cc_major) {
-  const auto plan = lstm_layer_persistent_plan(batch, hidden, dtype, sms, smem_per_block, cc_major);
+                                                   int64_t smem_per_block, int64_t cc_major, bool backward) {
+  const auto plan = lstm_layer_persistent_plan(batch, hidden, dtype, sms, smem_per_block, cc_major, backward);
   if (!plan) return {};
-  return {plan->units, plan->blocks, plan->chunk, plan->splits, plan->ld, plan->smem};
+  return {plan->units, plan->rows, plan->blocks, plan->chunk, plan->depth, plan->splits, plan->ld, plan->smem};
 }
 
 }  // namespace
@@ -253,7 +253,7 @@ TORCH_LIBRARY_FRAGMENT(fastseq2seq, m) {
         " Tensor w_ih, Tensor w_hh, Tensor? lengths, bool reverse, Tensor output, Tensor gates, Tensor cells)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_layer_persistent_plan(int batch, int hidden, ScalarType dtype, int sms, int smem_per_block,"
-        " int cc_major) -> int[]",
+        " int cc_major, bool backward=False) -> int[]",
         &lstm_layer_persistent_plan_op);
 }
 

@@ -34,9 +34,9 @@ triton_gpu_only = gpu_backend("triton")
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def plan(batch, hidden, dtype, device_numbers=H200):
-    """[units, blocks, chunk, splits, ld, smem bytes] of the persistent CUDA kernel, [] when it does not fit."""
-    return torch.ops.fastseq2seq.lstm_layer_persistent_plan(batch, hidden, dtype, *device_numbers)
+def plan(batch, hidden, dtype, device_numbers=H200, backward=False):
+    """[units, rows, blocks, chunk, depth, splits, ld, smem bytes] of a persistent CUDA kernel, [] if it does not fit."""
+    return torch.ops.fastseq2seq.lstm_layer_persistent_plan(batch, hidden, dtype, *device_numbers, backward)
 
 
 def this_gpu():
@@ -54,37 +54,53 @@ def kernel_names(fn):
 
 # ---- the size rule (runs anywhere: it is a pure function of the device's numbers) ----
 
-@needs_extension
-@pytest.mark.parametrize("dtype,largest_h", [(torch.bfloat16, 1584), (torch.float16, 1584), (torch.float32, 1056)])
-@pytest.mark.parametrize("batch", [8, 64, 128])
-def test_size_rule_on_h200(dtype, largest_h, batch):
-    """The limits the README states: up to H = 1584 (16-bit) and 1056 (float32) at translation batch sizes."""
-    assert plan(batch, largest_h, dtype)
-    assert not plan(batch, largest_h + 1, dtype)
+# The largest H that fits on an H200, per pass, dtype and batch: what the README states.
+H200_LIMITS = {
+    (False, torch.bfloat16): {8: 1584, 64: 1584, 128: 1584},
+    (False, torch.float16): {8: 1584, 64: 1584, 128: 1584},
+    (False, torch.float32): {8: 1056, 64: 1056, 128: 1056},
+    (True, torch.bfloat16): {8: 872, 64: 856, 128: 840},
+    (True, torch.float16): {8: 872, 64: 856, 128: 840},
+    (True, torch.float32): {8: 592, 64: 588, 128: 580},
+}
 
 
 @needs_extension
+@pytest.mark.parametrize("backward,dtype", list(H200_LIMITS), ids=str)
+def test_size_rule_on_h200(backward, dtype):
+    """Every H up to the limit fits, the next one does not."""
+    for batch, largest in H200_LIMITS[(backward, dtype)].items():
+        fits = [bool(plan(batch, h, dtype, backward=backward)) for h in range(1, largest + 2)]
+        assert all(fits[:-1]) and not fits[-1], (batch, largest)
+
+
+@needs_extension
+@pytest.mark.parametrize("backward", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 8, 17, 64, 130, 1000])
 @pytest.mark.parametrize("hidden", [1, 7, 64, 100, 512, 1000, 1024, 1584])
-def test_plan_invariants(dtype, batch, hidden):
-    """What the kernel relies on: whole tiles, one resident block per SM, every unit covered, the gate math's pairs
-    within what a thread carries, the shared memory within the limit."""
+def test_plan_invariants(backward, dtype, batch, hidden):
+    """What the kernels rely on: whole tiles, one resident block per SM, every unit covered, the elementwise pairs
+    within what a thread carries, rows 16-byte aligned, the shared memory within the limit."""
     sms, smem_limit, _ = H200
-    p = plan(batch, hidden, dtype)
+    p = plan(batch, hidden, dtype, backward=backward)
     if not p:
         return
-    units, blocks, chunk, splits, ld, smem = p
-    assert units % 4 == 0 and chunk % 16 == 0 and splits >= 1
+    units, rows, blocks, chunk, depth, splits, ld, smem = p
+    tensor_cores = dtype in (torch.float16, torch.bfloat16)
+    assert rows == (units if backward else 4 * units) and units % 4 == 0 and rows % (16 if tensor_cores else 4) == 0
+    assert chunk % 16 == 0 and 1 <= splits <= depth // 16
     assert blocks <= sms and units * blocks >= hidden > units * (blocks - 1)
     assert units * chunk <= 4 * 256
-    assert ld >= hidden and ld * torch.finfo(dtype).bits // 8 % 16 == 0
+    element_size = torch.finfo(dtype).bits // 8
+    assert depth == -(-(4 * hidden if backward else hidden) // 16) * 16 and ld == depth + 16 // element_size
     assert smem <= smem_limit
 
 
 @needs_extension
 def test_plan_refuses_what_cannot_run():
     assert plan(64, 2048, torch.bfloat16) == []                       # the W_hh slice alone is over 227 KB
+    assert plan(64, 1024, torch.bfloat16, backward=True) == []        # 16 columns of W_hh and 16 rows of dgates
     assert plan(64, 512, torch.bfloat16, (132, 232448, 7)) == []      # before sm_80
     assert plan(0, 512, torch.float32) == [] and plan(8, 0, torch.float32) == []
     assert plan(64, 1024, torch.bfloat16, (132, 48 * 1024, 9)) == []  # without the opt-in shared memory
@@ -195,37 +211,46 @@ def assert_runs_identical(backend, device, dtype, T, B, I, H):
 # ---- on the GPU ----
 
 def rule_sides(dtype):
-    """(B, H, fits) on both sides of the CUDA size rule on an H200: small, tiles crossed, several batch chunks, the
-    largest fitting H, and just past it."""
-    largest = 1584 if dtype != torch.float32 else 1056
-    return [(3, 9, True), (17, 37, True), (5, 100, True), (130, 512, True), (20, 1024, True), (8, largest, True),
-            (4, largest + 1, False)]
+    """(B, H, forward fits, backward fits) on an H200, on both sides of both rules: small, tiles crossed, several
+    batch chunks, the largest H each pass takes, and just past it."""
+    fwd, bwd = H200_LIMITS[(False, dtype)][8], H200_LIMITS[(True, dtype)][8]
+    return [(3, 9, True, True), (17, 37, True, True), (5, 100, True, True), (130, 512, True, True),
+            (8, bwd, True, True), (8, bwd + 1, True, False), (20, 1024, True, False), (8, fwd, True, False),
+            (4, fwd + 1, False, False)]
 
 
 # Each shape with one of the four (lengths, reverse) combinations, in turn.
 LENGTHS_REVERSE = [(None, False), ("random", True), ("random", False), (None, True)]
-CUDA_CASES = [pytest.param(dtype, B, H, fits, *LENGTHS_REVERSE[(d + i) % 4], marks=cuda_only,
+CUDA_CASES = [pytest.param(dtype, B, H, fwd, bwd, *LENGTHS_REVERSE[(d + i) % 4], marks=cuda_only,
                            id=f"{str(dtype)[6:]}-B{B}-H{H}-{LENGTHS_REVERSE[(d + i) % 4]}")
-              for d, dtype in enumerate(GPU_DTYPES) for i, (B, H, fits) in enumerate(rule_sides(dtype))]
+              for d, dtype in enumerate(GPU_DTYPES) for i, (B, H, fwd, bwd) in enumerate(rule_sides(dtype))]
 
 
-@pytest.mark.parametrize("dtype,B,H,fits,lengths,reverse", CUDA_CASES)
-def test_cuda_persistent_matches_torch_lstm(monkeypatch, dtype, B, H, fits, lengths, reverse):
+@pytest.mark.parametrize("dtype,B,H,fwd,bwd,lengths,reverse", CUDA_CASES)
+def test_cuda_persistent_matches_torch_lstm(monkeypatch, dtype, B, H, fwd, bwd, lengths, reverse):
+    """Forward and backward; each pass runs persistent where its rule fits, per step elsewhere."""
     if this_gpu() == H200:  # elsewhere the same shapes fall on the sides that GPU's numbers give
-        assert bool(plan(B, H, dtype, this_gpu())) == fits
+        assert (bool(plan(B, H, dtype, this_gpu())), bool(plan(B, H, dtype, this_gpu(), backward=True))) == (fwd, bwd)
     monkeypatch.setenv(ENV, "persistent")
     check_against_torch("cuda", "cuda", dtype, 6, B, 5, H, lengths, reverse)
 
 
-@pytest.mark.parametrize("B,H,fits", [pytest.param(64, 512, True, marks=cuda_only),
-                                      pytest.param(4, 2100, False, marks=cuda_only)])
-def test_cuda_persistent_kernel_runs_where_it_fits(monkeypatch, B, H, fits):
+@pytest.mark.parametrize("B,H", [pytest.param(64, 512, marks=cuda_only), pytest.param(4, 1024, marks=cuda_only),
+                                 pytest.param(4, 2100, marks=cuda_only)])
+def test_cuda_persistent_kernels_run_where_they_fit(monkeypatch, B, H):
     monkeypatch.setenv(ENV, "persistent")
-    x, h0, c0, *weights = make_inputs(3, B, 4, H, torch.bfloat16, "cuda")
-    names = kernel_names(lambda: fastseq2seq.ops.lstm_layer(x, (h0, c0), *weights, backend="cuda"))
-    persistent = any("lstm_layer_persistent_fwd_kernel" in n for n in names)
-    per_step = any("lstm_layer_step_fwd_kernel" in n for n in names)
-    assert (persistent, per_step) == (fits, not fits), names
+    args = [a.requires_grad_() for a in make_inputs(3, B, 4, H, torch.bfloat16, "cuda")]
+
+    def forward_backward():
+        output, (h_n, c_n) = fastseq2seq.ops.lstm_layer(args[0], (args[1], args[2]), *args[3:], backend="cuda")
+        (output.sum() + h_n.sum() + c_n.sum()).backward()
+
+    names = " ".join(kernel_names(forward_backward))
+    for backward in (False, True):
+        fits = bool(plan(B, H, torch.bfloat16, this_gpu(), backward=backward))
+        pass_name = "bwd" if backward else "fwd"
+        assert (f"lstm_layer_persistent_{pass_name}_kernel" in names) == fits, names
+        assert (f"lstm_layer_step_{pass_name}_kernel" in names) == (not fits), names
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, marks=cuda_only, id=str(d)[6:]) for d in GPU_DTYPES])
@@ -254,6 +279,24 @@ def assert_all_written(T, B, H, lengths, output, h_n, c_n, gates, cells):
     past = torch.arange(T, device=lengths.device)[:, None] >= lengths[None, :]  # [T, B]
     for t in (output, gates, cells):
         assert (t[past] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=cuda_only, id=str(d)[6:]) for d in GPU_DTYPES])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_persistent_backward_writes_every_gradient(monkeypatch, dtype, reverse):
+    """Poisoned buffers: an unwritten gate gradient would reach every gradient through the GEMMs after the loop."""
+    monkeypatch.setenv(ENV, "persistent")
+    T, B, I, H = 7, 19, 5, 48
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = make_inputs(T, B, I, H, dtype, "cuda")
+    lengths = random_lengths(T, B).cuda()
+    output, _, _, gates, cells = torch.ops.fastseq2seq.lstm_layer_fwd(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths,
+                                                                     reverse)
+    grads_in = [torch.randn_like(t) for t in (output, h0, c0)]
+    with poisoned_allocations([T * B * 4 * H, B * 4 * H, B * H], dtype):
+        grads = torch.ops.fastseq2seq.lstm_layer_bwd(*grads_in, x, h0, c0, w_ih, w_hh, lengths, reverse, output,
+                                                     gates, cells)
+        for grad in grads:
+            assert not grad.isnan().any()
 
 
 WRITE_CASES = [pytest.param(backend, mode, dtype, marks=gpu_backend(backend), id=f"{backend}-{mode}-{str(dtype)[6:]}")

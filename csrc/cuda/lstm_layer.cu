@@ -1,6 +1,7 @@
 // LSTM layer CUDA kernels: the whole recurrence of one direction inside one op. Per step, cuBLAS adds h_{t-1} W_hh^T
 // into that step's slice of the precomputed input projections, and one fused kernel does the gate math, the state
 // update and the lengths masking; the backward mirrors it (the CPU version in ../lstm_layer.cpp is the same loop).
+// FASTSEQ2SEQ_LSTM_RECURRENCE=persistent hands either loop to lstm_layer_persistent.cu where its size rule fits.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -102,7 +103,8 @@ __global__ void lstm_layer_step_bwd_kernel(const scalar_t* __restrict__ gates_t,
 constexpr int kThreads = 256;
 
 // FASTSEQ2SEQ_LSTM_RECURRENCE, read at every call: auto (default) | per-step | persistent. `auto` keeps the per-step
-// path, the one the tests have verified: the persistent kernel has not run on a GPU yet, so it runs only when asked.
+// path, the one the tests have verified: the persistent kernels have not run on a GPU yet, so they run only when
+// asked.
 bool persistent_recurrence_requested() {
   const char* value = std::getenv("FASTSEQ2SEQ_LSTM_RECURRENCE");
   const std::string mode = value ? value : "";
@@ -164,6 +166,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   return {output, h_n, c_n, gates, cells};
 }
 
+// Fills grad_gates for every step, grad_gates_first and grad_cx (lstm_layer_bwd_cuda's loop; see
+// lstm_layer_persistent_bwd for the buffers' contract). The persistent kernel runs when requested and its size rule
+// fits; else per step: the fused elementwise backward, then cuBLAS for dgates_t W_hh, T launches of each.
+void run_backward_recurrence(const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& c0,
+                             const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                             at::Tensor& grad_gates, at::Tensor& grad_gates_first, at::Tensor& grad_cx,
+                             const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths, bool reverse) {
+  if (persistent_recurrence_requested() &&
+      lstm_layer_persistent_bwd(gates, cells, c0, grad_output, grad_h_n, grad_c_n, grad_gates, grad_gates_first,
+                                grad_cx, w_hh, lengths, reverse)) {
+    return;
+  }
+  const int64_t T = gates.size(0), B = gates.size(1), H = c0.size(1);
+  at::Tensor grad_h = at::empty({B, H}, gates.options());
+  at::Tensor grad_c = at::empty({B, H}, gates.options());
+  at::Tensor grad_c_prev = at::empty({B, H}, gates.options());
+  const int64_t* plengths = lengths ? lengths->const_data_ptr<int64_t>() : nullptr;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "lstm_layer_bwd_cuda", [&] {
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
+      const int64_t t_prev = reverse ? t + 1 : t - 1;
+      const scalar_t* cells_prev = (t_prev >= 0 && t_prev < T) ? cells[t_prev].const_data_ptr<scalar_t>() : nullptr;
+      lstm_layer_step_bwd_kernel<scalar_t><<<elementwise_grid(B * H, kThreads), kThreads, 0, stream>>>(
+          gates[t].const_data_ptr<scalar_t>(), cells[t].const_data_ptr<scalar_t>(), cells_prev,
+          c0.const_data_ptr<scalar_t>(), grad_output[t].const_data_ptr<scalar_t>(),
+          grad_h_n.const_data_ptr<scalar_t>(), grad_c_n.const_data_ptr<scalar_t>(), grad_h.const_data_ptr<scalar_t>(),
+          grad_c.const_data_ptr<scalar_t>(), grad_c_prev.data_ptr<scalar_t>(), grad_cx.data_ptr<scalar_t>(),
+          grad_gates[t].data_ptr<scalar_t>(), grad_gates_first.data_ptr<scalar_t>(), plengths, reverse, t, T, B, H);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      std::swap(grad_c, grad_c_prev);
+      if (s + 1 < T) at::mm_out(grad_h, grad_gates[t], w_hh);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -178,29 +216,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_gates = at::empty({T, B, 4 * H}, input.options());
   at::Tensor grad_gates_first = at::zeros({B, 4 * H}, input.options());
   at::Tensor grad_cx = gcn.clone();  // rows of length 0 pass the gradient straight through
-  at::Tensor grad_h = at::empty({B, H}, input.options());
-  at::Tensor grad_c = at::empty({B, H}, input.options());
-  at::Tensor grad_c_prev = at::empty({B, H}, input.options());
-  const at::Tensor lengths_c = lengths ? lengths->contiguous() : at::Tensor();
-  const int64_t* plengths = lengths_c.defined() ? lengths_c.const_data_ptr<int64_t>() : nullptr;
   if (B * H > 0) {
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_layer_bwd_cuda", [&] {
-      for (int64_t s = 0; s < T; ++s) {
-        const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
-        const int64_t t_prev = reverse ? t + 1 : t - 1;
-        const scalar_t* cells_prev = (t_prev >= 0 && t_prev < T) ? cc[t_prev].const_data_ptr<scalar_t>() : nullptr;
-        lstm_layer_step_bwd_kernel<scalar_t><<<elementwise_grid(B * H, kThreads), kThreads, 0, stream>>>(
-            gt[t].const_data_ptr<scalar_t>(), cc[t].const_data_ptr<scalar_t>(), cells_prev,
-            c0.const_data_ptr<scalar_t>(), go[t].const_data_ptr<scalar_t>(), ghn.const_data_ptr<scalar_t>(),
-            gcn.const_data_ptr<scalar_t>(), grad_h.const_data_ptr<scalar_t>(), grad_c.const_data_ptr<scalar_t>(),
-            grad_c_prev.data_ptr<scalar_t>(), grad_cx.data_ptr<scalar_t>(), grad_gates[t].data_ptr<scalar_t>(),
-            grad_gates_first.data_ptr<scalar_t>(), plengths, reverse, t, T, B, H);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        std::swap(grad_c, grad_c_prev);
-        if (s + 1 < T) at::mm_out(grad_h, grad_gates[t], w_hh);
-      }
-    });
+    const std::optional<at::Tensor> lengths_c =
+        lengths ? std::optional<at::Tensor>(lengths->contiguous()) : std::nullopt;
+    run_backward_recurrence(gt, cc, c0, go, ghn, gcn, grad_gates, grad_gates_first, grad_cx, w_hh, lengths_c,
+                            reverse);
   } else {
     grad_gates.zero_();
   }
