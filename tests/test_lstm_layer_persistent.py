@@ -1,8 +1,9 @@
-"""The recurrence paths FASTSEQ2SEQ_LSTM_RECURRENCE chooses for lstm_layer's forward: the persistent CUDA kernel
-(W_hh resident in shared memory, one cooperative launch), the Triton program loop (one program per batch block over
-all steps) and the Triton per-step launches captured in a CUDA graph. Each is forced and compared with torch.nn.LSTM
-in float64, forward and backward, on both sides of its size rule; plus determinism, poisoned buffers, the size rule
-itself and bad values of the variable. GPU tests are marked `gpu`; the program loop also runs under the interpreter.
+"""The recurrence paths FASTSEQ2SEQ_LSTM_RECURRENCE chooses for lstm_layer: the persistent CUDA kernels (forward and
+backward: the weight slice resident in shared memory, one cooperative launch a pass), the Triton program loop (one
+program per batch block over all steps) and the Triton per-step launches captured in a CUDA graph. Each is forced and
+compared with torch.nn.LSTM in float64, forward and backward, on both sides of its size rule; plus determinism,
+poisoned buffers, which kernels run, the size rule itself and bad values of the variable. GPU tests are marked `gpu`;
+the program loop also runs under the interpreter.
 """
 import contextlib
 
