@@ -2,7 +2,8 @@
 torch.compile of the reference loop and, on GPU, the flashrnn package where it is installed; forward and
 forward+backward, without and with random lengths (nn.LSTM then runs on a PackedSequence, packing and unpacking
 timed with it; the loops mask per step). I = H. On GPU, each recurrence path that FASTSEQ2SEQ_LSTM_RECURRENCE can
-select gets its own row next to the default ("auto") one."""
+select gets its own row next to the default ("auto") one; a path the build does not offer is skipped with a note.
+flashrnn compiles its CUDA kernels on first use, inside the warm-up (minutes the first time on a machine)."""
 import os
 
 import torch
@@ -134,11 +135,14 @@ def candidates(T, B, H, dtype, device, backward, lengths, compiled_reference, se
     for backend in our_backends(device):
         def ours(b=backend):
             return lstm_layer(x, (h0, c0), *params, lengths=lengths, backend=b)
-        found[f"fastseq2seq[{backend}]"] = Candidate(step(ours), ours=True)
-        if torch.device(device).type == "cuda":
-            for path in RECURRENCE_PATHS.get(backend, ()):
-                found[f"fastseq2seq[{backend}, {path}]"] = Candidate(with_recurrence(path, step(ours)), ours=True,
-                                                                     optional=True)
+        if torch.device(device).type != "cuda":
+            found[f"fastseq2seq[{backend}]"] = Candidate(step(ours), ours=True)
+            continue
+        # the default row is "auto" whatever the caller's environment says
+        found[f"fastseq2seq[{backend}]"] = Candidate(with_recurrence("auto", step(ours)), ours=True)
+        for path in RECURRENCE_PATHS.get(backend, ()):
+            found[f"fastseq2seq[{backend}, {path}]"] = Candidate(with_recurrence(path, step(ours)), ours=True,
+                                                                 optional=True)
     return found
 
 

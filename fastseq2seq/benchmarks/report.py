@@ -146,12 +146,13 @@ def _dot_chart(path, title, rows, series_of, value_of, xlabel, *, panels_of=lamb
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
         else:
             ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+            ax.set_xlim(left=0)
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(axis="x", color="0.9")
         ax.tick_params(labelsize=7)
     axes[0][0].set_yticks(range(len(cases)), cases)
-    axes[0][0].invert_yaxis()
+    axes[0][0].set_ylim(len(cases) - 0.5, -0.5)  # the first case on top
     handles, names = axes[0][0].get_legend_handles_labels()
     for ax in axes[0][1:]:
         for handle, name in zip(*ax.get_legend_handles_labels()):
