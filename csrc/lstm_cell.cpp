@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(
     scalar_t* ph = h.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        lstm_cell_fwd_row(g + b * 4 * H, pb_ih, pb_hh, pcx + b * H, pc + b * H, ph + b * H, H);
+        lstm_cell_fwd_row(g + b * 4 * H, pb_ih, pb_hh, pcx + b * H, pc + b * H, ph + b * H, H, H);
     });
   });
   return {h, c, gates};
@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         lstm_cell_bwd_row(pg + b * 4 * H, pcx + b * H, pc + b * H, pgh + b * H, pgc + b * H, pgg + b * 4 * H,
-                          pgcx + b * H, H);
+                          pgcx + b * H, H, H);
     });
   });
   return {grad_gates.mm(w_ih), grad_gates.mm(w_hh), grad_cx, grad_gates.t().mm(input), grad_gates.t().mm(hx),

@@ -46,23 +46,26 @@ inline void check_lstm_cell_args(const at::Tensor& input, const at::Tensor& hx, 
   check_lstm_args(input, 2, hx, cx, w_ih, w_hh, b_ih, b_hh);
 }
 
-// One batch row of the fused forward. gates holds x W_ih^T + h W_hh^T on entry and the activated
-// gates (i, f, g, o) on exit: the backward needs nothing else. The bias test sits outside the loop so that it
-// vectorizes.
+// n hidden units of one batch row of the fused forward; gate k of unit j is gates[k * gate_stride + j] (as are the
+// biases), so a row's slice of units is a row with an offset. gates holds x W_ih^T + h W_hh^T on entry and the
+// activated gates (i, f, g, o) on exit: the backward needs nothing else. The bias test sits outside the loop so that
+// it vectorizes.
 template <typename T, bool kBias>
 FS2S_ROW_INLINE void lstm_cell_fwd_row_body(T* __restrict gates, const T* __restrict b_ih, const T* __restrict b_hh,
-                                            const T* __restrict c_prev, T* __restrict c, T* __restrict h, int64_t H) {
+                                            const T* __restrict c_prev, T* __restrict c, T* __restrict h, int64_t n,
+                                            int64_t gate_stride) {
+  const int64_t S = gate_stride;
   T* gi = gates;
-  T* gf = gates + H;
-  T* gg = gates + 2 * H;
-  T* go = gates + 3 * H;
-  for (int64_t j = 0; j < H; ++j) {
+  T* gf = gates + S;
+  T* gg = gates + 2 * S;
+  T* go = gates + 3 * S;
+  for (int64_t j = 0; j < n; ++j) {
     T bi = 0, bf = 0, bg = 0, bo = 0;
     if constexpr (kBias) {
       bi = b_ih[j] + b_hh[j];
-      bf = b_ih[H + j] + b_hh[H + j];
-      bg = b_ih[2 * H + j] + b_hh[2 * H + j];
-      bo = b_ih[3 * H + j] + b_hh[3 * H + j];
+      bf = b_ih[S + j] + b_hh[S + j];
+      bg = b_ih[2 * S + j] + b_hh[2 * S + j];
+      bo = b_ih[3 * S + j] + b_hh[3 * S + j];
     }
     const T i = sigmoid(gi[j] + bi), f = sigmoid(gf[j] + bf), g = tanh_fast(gg[j] + bg), o = sigmoid(go[j] + bo);
     const T cj = f * c_prev[j] + i * g;
@@ -75,57 +78,63 @@ FS2S_ROW_INLINE void lstm_cell_fwd_row_body(T* __restrict gates, const T* __rest
   }
 }
 
-// One batch row of the fused backward: gradients w.r.t. the pre-activation gates and c_prev.
+// n hidden units of one batch row of the fused backward (gates and grad_gates laid out as in the forward):
+// gradients w.r.t. the pre-activation gates and c_prev.
 template <typename T>
 FS2S_ROW_INLINE void lstm_cell_bwd_row_body(const T* __restrict gates, const T* __restrict c_prev,
                                             const T* __restrict c, const T* __restrict grad_h,
                                             const T* __restrict grad_c, T* __restrict grad_gates,
-                                            T* __restrict grad_c_prev, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
-    const T i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
+                                            T* __restrict grad_c_prev, int64_t n, int64_t gate_stride) {
+  const int64_t S = gate_stride;
+  for (int64_t j = 0; j < n; ++j) {
+    const T i = gates[j], f = gates[S + j], g = gates[2 * S + j], o = gates[3 * S + j];
     const T tc = tanh_fast(c[j]);
     const T dc = grad_c[j] + grad_h[j] * o * (T(1) - tc * tc);
     grad_gates[j] = dc * g * i * (T(1) - i);
-    grad_gates[H + j] = dc * c_prev[j] * f * (T(1) - f);
-    grad_gates[2 * H + j] = dc * i * (T(1) - g * g);
-    grad_gates[3 * H + j] = grad_h[j] * tc * o * (T(1) - o);
+    grad_gates[S + j] = dc * c_prev[j] * f * (T(1) - f);
+    grad_gates[2 * S + j] = dc * i * (T(1) - g * g);
+    grad_gates[3 * S + j] = grad_h[j] * tc * o * (T(1) - o);
     grad_c_prev[j] = dc * f;
   }
 }
 
 template <typename T, bool kBias>
-void lstm_cell_fwd_row_baseline(T* gates, const T* b_ih, const T* b_hh, const T* c_prev, T* c, T* h, int64_t H) {
-  lstm_cell_fwd_row_body<T, kBias>(gates, b_ih, b_hh, c_prev, c, h, H);
+void lstm_cell_fwd_row_baseline(T* gates, const T* b_ih, const T* b_hh, const T* c_prev, T* c, T* h, int64_t n,
+                                int64_t gate_stride) {
+  lstm_cell_fwd_row_body<T, kBias>(gates, b_ih, b_hh, c_prev, c, h, n, gate_stride);
 }
 template <typename T, bool kBias>
 FS2S_TARGET_AVX2 void lstm_cell_fwd_row_avx2(T* gates, const T* b_ih, const T* b_hh, const T* c_prev, T* c, T* h,
-                                             int64_t H) {
-  lstm_cell_fwd_row_body<T, kBias>(gates, b_ih, b_hh, c_prev, c, h, H);
+                                             int64_t n, int64_t gate_stride) {
+  lstm_cell_fwd_row_body<T, kBias>(gates, b_ih, b_hh, c_prev, c, h, n, gate_stride);
 }
 template <typename T>
 void lstm_cell_bwd_row_baseline(const T* gates, const T* c_prev, const T* c, const T* grad_h, const T* grad_c,
-                                T* grad_gates, T* grad_c_prev, int64_t H) {
-  lstm_cell_bwd_row_body(gates, c_prev, c, grad_h, grad_c, grad_gates, grad_c_prev, H);
+                                T* grad_gates, T* grad_c_prev, int64_t n, int64_t gate_stride) {
+  lstm_cell_bwd_row_body(gates, c_prev, c, grad_h, grad_c, grad_gates, grad_c_prev, n, gate_stride);
 }
 template <typename T>
 FS2S_TARGET_AVX2 void lstm_cell_bwd_row_avx2(const T* gates, const T* c_prev, const T* c, const T* grad_h,
-                                             const T* grad_c, T* grad_gates, T* grad_c_prev, int64_t H) {
-  lstm_cell_bwd_row_body(gates, c_prev, c, grad_h, grad_c, grad_gates, grad_c_prev, H);
+                                             const T* grad_c, T* grad_gates, T* grad_c_prev, int64_t n,
+                                             int64_t gate_stride) {
+  lstm_cell_bwd_row_body(gates, c_prev, c, grad_h, grad_c, grad_gates, grad_c_prev, n, gate_stride);
 }
 
-// The entry points: b_ih/b_hh null for no bias; the AVX2 build of the loop where the CPU has it.
+// The entry points: b_ih/b_hh null for no bias; the AVX2 build of the loop where the CPU has it. A whole row is
+// n = gate_stride = H.
 template <typename T>
-inline void lstm_cell_fwd_row(T* gates, const T* b_ih, const T* b_hh, const T* c_prev, T* c, T* h, int64_t H) {
+inline void lstm_cell_fwd_row(T* gates, const T* b_ih, const T* b_hh, const T* c_prev, T* c, T* h, int64_t n,
+                              int64_t gate_stride) {
   const bool avx2 = cpu_has_avx2();
   const auto run = b_ih ? (avx2 ? lstm_cell_fwd_row_avx2<T, true> : lstm_cell_fwd_row_baseline<T, true>)
                         : (avx2 ? lstm_cell_fwd_row_avx2<T, false> : lstm_cell_fwd_row_baseline<T, false>);
-  run(gates, b_ih, b_hh, c_prev, c, h, H);
+  run(gates, b_ih, b_hh, c_prev, c, h, n, gate_stride);
 }
 template <typename T>
 inline void lstm_cell_bwd_row(const T* gates, const T* c_prev, const T* c, const T* grad_h, const T* grad_c,
-                              T* grad_gates, T* grad_c_prev, int64_t H) {
+                              T* grad_gates, T* grad_c_prev, int64_t n, int64_t gate_stride) {
   const auto run = cpu_has_avx2() ? lstm_cell_bwd_row_avx2<T> : lstm_cell_bwd_row_baseline<T>;
-  run(gates, c_prev, c, grad_h, grad_c, grad_gates, grad_c_prev, H);
+  run(gates, c_prev, c, grad_h, grad_c, grad_gates, grad_c_prev, n, gate_stride);
 }
 
 }  // namespace fastseq2seq

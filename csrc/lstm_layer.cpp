@@ -1,10 +1,11 @@
 // LSTM layer op schemas and the CPU kernels: the whole recurrence of one direction inside one op.
 //
 // Forward: the input projections of all steps are one GEMM into `gates` [T, B, 4H] before the loop; each step adds
-// h_{t-1} W_hh^T into its slice of that buffer (one GEMM) and runs the fused gate math per batch row, leaving the
-// activated gates and the cell state in place for the backward. Backward: backpropagation through time with one
-// GEMM (dgates_t W_hh) and the fused elementwise backward per step, then dx, dW_ih, dW_hh and db as a few large
-// GEMMs over all steps. No tensor is allocated inside either loop.
+// h_{t-1} W_hh^T into its slice of that buffer and runs the fused gate math, leaving the activated gates and the cell
+// state in place for the backward. Backward: backpropagation through time, per step the recurrent product
+// (dgates_t W_hh) and the fused elementwise backward, then dx, dW_ih, dW_hh and db as a few large GEMMs over all
+// steps. No tensor is allocated inside either loop. The recurrent products run as the panel GEMM (panel_gemm.h)
+// where it is supported, else as MKL's or ATen's GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
@@ -12,10 +13,12 @@
 
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "lstm_cell.h"
 #include "lstm_layer.h"
 #include "lstm_layer_persistent.h"
+#include "panel_gemm.h"
 
 #if AT_MKL_ENABLED() && defined(__linux__)
 #include <dlfcn.h>
@@ -78,7 +81,7 @@ class RecurrentGemm {
   }
 
   // a [M, K] and out [M, N], both contiguous.
-  void run(const at::Tensor& a, at::Tensor& out, bool accumulate) const {
+  void run(const at::Tensor& a, at::Tensor out, bool accumulate) const {
 #ifdef FS2S_MKL_PACKED_GEMM
     if (mkl_) {
       const int K = weight_.size(0), N = weight_.size(1);
@@ -106,12 +109,168 @@ class RecurrentGemm {
 // Rows per task: enough work per thread to amortize the fork.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * H)); }
 
+// Panels per task: one task per thread, each keeping its panels of W_hh in its own cache over all steps.
+int64_t panel_grain(int64_t panels) {
+  return std::max<int64_t>(1, (panels + at::get_num_threads() - 1) / at::get_num_threads());
+}
+
 // lengths, or T for every row when none are given.
 std::vector<int64_t> row_lengths(const std::optional<at::Tensor>& lengths, int64_t T, int64_t B) {
   if (!lengths) return std::vector<int64_t>(B, T);
   const at::Tensor l = lengths->contiguous();
   const int64_t* p = l.const_data_ptr<int64_t>();
   return std::vector<int64_t>(p, p + B);
+}
+
+// Sets n units of each gate of a gates row (stride H between gates) to zero.
+template <typename scalar_t>
+void zero_gate_units(scalar_t* gates, int64_t n, int64_t H) {
+  for (int64_t k = 0; k < 4; ++k) std::memset(gates + k * H, 0, n * sizeof(scalar_t));
+}
+
+// The forward's loop over the steps: two ways through them, one per-row update (update_rows). With the panel GEMM (fp32, AVX-512) each thread owns a slice of
+// hidden units for the whole sequence: its step is the recurrent product for its units' four gates followed by
+// their gate math, and the fork/join between steps is the only synchronization. Otherwise each step is one
+// multi-threaded GEMM over all units, then the gate math in parallel over rows.
+template <typename scalar_t>
+void forward_recurrence(at::Tensor& gates, at::Tensor& cells, at::Tensor& output, at::Tensor& h_n, at::Tensor& c_n,
+                        const at::Tensor& w_hh, const std::vector<int64_t>& length, bool reverse) {
+  const int64_t T = gates.size(0), B = gates.size(1), H = h_n.size(1);
+  scalar_t* pg = gates.data_ptr<scalar_t>();
+  scalar_t* pc = cells.data_ptr<scalar_t>();
+  scalar_t* pout = output.data_ptr<scalar_t>();
+  scalar_t* pcn = c_n.data_ptr<scalar_t>();
+  // Units j0 .. j0+n-1 of every row at step t, once h_prev W_hh^T is in gates: the gate math into h_next, or for a
+  // row past its length zero outputs (and deterministic saved buffers) with its state carried over.
+  auto update_rows = [&](int64_t t, int64_t j0, int64_t n, const scalar_t* h_prev, scalar_t* h_next,
+                         int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = t * B + b;
+      scalar_t* g = pg + row * 4 * H + j0;
+      scalar_t* c = pc + row * H + j0;
+      scalar_t* h = pout + row * H + j0;
+      if (t >= length[b]) {
+        zero_gate_units(g, n, H);
+        std::memset(c, 0, n * sizeof(scalar_t));
+        std::memset(h, 0, n * sizeof(scalar_t));
+        if (h_next != h_prev) std::memcpy(h_next + b * H + j0, h_prev + b * H + j0, n * sizeof(scalar_t));
+        continue;
+      }
+      lstm_cell_fwd_row<scalar_t>(g, nullptr, nullptr, pcn + b * H + j0, c, h, n, H);  // biases: in the projection
+      std::memcpy(h_next + b * H + j0, h, n * sizeof(scalar_t));
+      std::memcpy(pcn + b * H + j0, c, n * sizeof(scalar_t));
+    }
+  };
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (panel_gemm_supported(gates)) {
+      const at::Tensor panels = pack_gate_panels(w_hh);
+      const int64_t P = panels.size(0);
+      const float* pw = panels.const_data_ptr<float>();
+      at::Tensor h_spare = at::empty_like(h_n);
+      float *h_prev = h_n.data_ptr<float>(), *h_next = h_spare.data_ptr<float>();
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t t = reverse ? T - 1 - s : s;
+        at::parallel_for(0, P, panel_grain(P), [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            panel_gemm(h_prev, H, B, pw + p * H * 64, H, pg + t * B * 4 * H, 4 * H, gate_panel_output(p, H),
+                       /*accumulate=*/true);
+            update_rows(t, 16 * p, std::min<int64_t>(16, H - 16 * p), h_prev, h_next, 0, B);
+          }
+        });
+        std::swap(h_prev, h_next);
+      }
+      if (h_prev != h_n.data_ptr<float>()) h_n.copy_(h_spare);
+      return;
+    }
+  }
+  const RecurrentGemm recurrent(w_hh.t(), B);
+  scalar_t* ph = h_n.data_ptr<scalar_t>();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    recurrent.run(h_n, gates.select(0, t), /*accumulate=*/true);
+    at::parallel_for(0, B, row_grain(H),
+                     [&](int64_t b0, int64_t b1) { update_rows(t, 0, H, ph, ph, b0, b1); });
+  }
+}
+
+// The backward's loop over the steps, last first, the same two ways as the forward's (the panel GEMM's panels are
+// 64 hidden units of grad_h here).
+template <typename scalar_t>
+void backward_recurrence(at::Tensor& grad_gates, at::Tensor& grad_gates_first, at::Tensor& grad_cx, at::Tensor& grad_h,
+                         at::Tensor& grad_c, at::Tensor& grad_c_prev, const at::Tensor& go, const at::Tensor& ghn,
+                         const at::Tensor& gcn, const at::Tensor& gt, const at::Tensor& cc, const at::Tensor& c0,
+                         const at::Tensor& w_hh, const std::vector<int64_t>& length, bool reverse) {
+  const int64_t T = grad_gates.size(0), B = grad_gates.size(1), H = grad_h.size(1);
+  const scalar_t *pgo = go.const_data_ptr<scalar_t>(), *pghn = ghn.const_data_ptr<scalar_t>(),
+                 *pgcn = gcn.const_data_ptr<scalar_t>(), *pg = gt.const_data_ptr<scalar_t>(),
+                 *pc = cc.const_data_ptr<scalar_t>(), *pc0 = c0.const_data_ptr<scalar_t>();
+  scalar_t* pdg = grad_gates.data_ptr<scalar_t>();
+  scalar_t* pdg_first = grad_gates_first.data_ptr<scalar_t>();
+  scalar_t* pdcx = grad_cx.data_ptr<scalar_t>();
+  scalar_t* pdh = grad_h.data_ptr<scalar_t>();
+  // Units j0 .. j0+n-1 of every row at step t, once grad_h holds the gradient the later step passed back to h_t:
+  // grad_gates of step t, and grad_c_prev from grad_c.
+  auto update_rows = [&](int64_t t, int64_t j0, int64_t n, const scalar_t* pdc, scalar_t* pdc_prev, int64_t b0,
+                         int64_t b1) {
+    const int64_t t_prev = reverse ? t + 1 : t - 1;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = t * B + b;
+      scalar_t* dg = pdg + row * 4 * H + j0;
+      if (t >= length[b]) {
+        zero_gate_units(dg, n, H);
+        continue;
+      }
+      const SequenceSteps steps = sequence_steps(length[b], reverse);
+      // The step that produced h_n takes grad_h_n / grad_c_n; every other takes what the later step passed back.
+      const bool at_last = t == steps.last, at_first = t == steps.first;
+      const int64_t u = b * H + j0;  // unit j0 of row b in a [B, H] buffer
+      scalar_t* dh = pdh + u;
+      const scalar_t* dh_carry = at_last ? pghn + u : dh;
+      const scalar_t* dout = pgo + row * H + j0;
+      for (int64_t j = 0; j < n; ++j) dh[j] = dh_carry[j] + dout[j];
+      lstm_cell_bwd_row<scalar_t>(pg + row * 4 * H + j0, at_first ? pc0 + u : pc + (t_prev * B + b) * H + j0,
+                                  pc + row * H + j0, dh, at_last ? pgcn + u : pdc + u, dg,
+                                  at_first ? pdcx + u : pdc_prev + u, n, H);
+      if (at_first) {
+        for (int64_t k = 0; k < 4; ++k)
+          std::memcpy(pdg_first + b * 4 * H + k * H + j0, dg + k * H, n * sizeof(scalar_t));
+      }
+    }
+  };
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (panel_gemm_supported(grad_gates)) {
+      const at::Tensor panels = pack_column_panels(w_hh);
+      const int64_t P = panels.size(0);
+      const float* pw = panels.const_data_ptr<float>();
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
+        const int64_t t_later = reverse ? t - 1 : t + 1;  // the step this loop visited before t
+        const float* pdc = grad_c.data_ptr<float>();
+        float* pdc_prev = grad_c_prev.data_ptr<float>();
+        at::parallel_for(0, P, panel_grain(P), [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            // Step 0 of this loop is every valid row's last step: it starts from grad_h_n, not grad_h.
+            if (s > 0)
+              panel_gemm(pdg + t_later * B * 4 * H, 4 * H, B, pw + p * 4 * H * 64, 4 * H, pdh, H,
+                         column_panel_output(p, H), /*accumulate=*/false);
+            update_rows(t, 64 * p, std::min<int64_t>(64, H - 64 * p), pdc, pdc_prev, 0, B);
+          }
+        });
+        std::swap(grad_c, grad_c_prev);
+      }
+      return;
+    }
+  }
+  const RecurrentGemm recurrent(w_hh, B);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? s : T - 1 - s;
+    const scalar_t* pdc = grad_c.data_ptr<scalar_t>();
+    scalar_t* pdc_prev = grad_c_prev.data_ptr<scalar_t>();
+    at::parallel_for(0, B, row_grain(H),
+                     [&](int64_t b0, int64_t b1) { update_rows(t, 0, H, pdc, pdc_prev, b0, b1); });
+    std::swap(grad_c, grad_c_prev);
+    if (s + 1 < T) recurrent.run(grad_gates.select(0, t), grad_h, /*accumulate=*/false);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(
@@ -127,42 +286,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   at::Tensor c_n = cx.contiguous().clone();
   if (T * B == 0) return {output, h_n, c_n, gates, cells};
   at::Tensor gates_2d = gates.view({T * B, 4 * H});
-  const at::Tensor input_2d = input.reshape({T * B, I});
-  if (b_ih) {
-    at::addmm_out(gates_2d, *b_ih + *b_hh, input_2d, w_ih.t());
+  const at::Tensor input_2d = input.reshape({T * B, I}).contiguous();
+  const at::Tensor bias = b_ih ? (*b_ih + *b_hh).contiguous() : at::Tensor();
+  if (panel_gemm_supported(input)) {
+    panel_gemm_all(input_2d.const_data_ptr<float>(), I, T * B, pack_gate_panels(w_ih), gates.data_ptr<float>(),
+                   4 * H, gate_panel_output, H, /*accumulate=*/false, b_ih ? bias.const_data_ptr<float>() : nullptr);
+  } else if (b_ih) {
+    at::addmm_out(gates_2d, bias, input_2d, w_ih.t());
   } else {
     at::mm_out(gates_2d, input_2d, w_ih.t());
   }
-  const RecurrentGemm recurrent(w_hh.t(), B);
   const std::vector<int64_t> length = row_lengths(lengths, T, B);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_fwd_cpu", [&] {
-    scalar_t* pg = gates.data_ptr<scalar_t>();
-    scalar_t* pc = cells.data_ptr<scalar_t>();
-    scalar_t* pout = output.data_ptr<scalar_t>();
-    scalar_t* ph = h_n.data_ptr<scalar_t>();
-    scalar_t* pcn = c_n.data_ptr<scalar_t>();
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = reverse ? T - 1 - s : s;
-      at::Tensor gates_t = gates_2d.narrow(0, t * B, B);
-      recurrent.run(h_n, gates_t, /*accumulate=*/true);
-      at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t row = t * B + b;
-          scalar_t* g = pg + row * 4 * H;
-          scalar_t* c = pc + row * H;
-          scalar_t* h = pout + row * H;
-          if (t >= length[b]) {  // past the end: zero output, and deterministic saved buffers
-            std::memset(g, 0, 4 * H * sizeof(scalar_t));
-            std::memset(c, 0, H * sizeof(scalar_t));
-            std::memset(h, 0, H * sizeof(scalar_t));
-            continue;
-          }
-          lstm_cell_fwd_row<scalar_t>(g, nullptr, nullptr, pcn + b * H, c, h, H);  // biases are in the projection
-          std::memcpy(ph + b * H, h, H * sizeof(scalar_t));
-          std::memcpy(pcn + b * H, c, H * sizeof(scalar_t));
-        }
-      });
-    }
+    forward_recurrence<scalar_t>(gates, cells, output, h_n, c_n, w_hh, length, reverse);
   });
   return {output, h_n, c_n, gates, cells};
 }
@@ -178,55 +314,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor go = grad_output.contiguous(), ghn = grad_h_n.contiguous(), gcn = grad_c_n.contiguous(),
                    gt = gates.contiguous(), cc = cells.contiguous(), c0 = cx.contiguous();
   at::Tensor grad_gates = at::empty({T, B, 4 * H}, input.options());
-  at::Tensor grad_gates_2d = grad_gates.view({T * B, 4 * H});
   // Each row's grad_gates at the step that consumed (h0, c0): they give grad_hx and h0's share of grad_w_hh.
   at::Tensor grad_gates_first = at::zeros({B, 4 * H}, input.options());
   at::Tensor grad_cx = gcn.clone();  // rows of length 0 pass the gradient straight through
   at::Tensor grad_h = at::empty({B, H}, input.options());  // dL/dh_t: recurrent part from the GEMM, then + grad_output
   at::Tensor grad_c = at::empty({B, H}, input.options());
   at::Tensor grad_c_prev = at::empty({B, H}, input.options());
-  const RecurrentGemm recurrent(w_hh, B);
   const std::vector<int64_t> length = row_lengths(lengths, T, B);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_bwd_cpu", [&] {
-    const scalar_t *pgo = go.const_data_ptr<scalar_t>(), *pghn = ghn.const_data_ptr<scalar_t>(),
-                   *pgcn = gcn.const_data_ptr<scalar_t>(), *pg = gt.const_data_ptr<scalar_t>(),
-                   *pc = cc.const_data_ptr<scalar_t>(), *pc0 = c0.const_data_ptr<scalar_t>();
-    scalar_t* pdg = grad_gates.data_ptr<scalar_t>();
-    scalar_t* pdg_first = grad_gates_first.data_ptr<scalar_t>();
-    scalar_t* pdcx = grad_cx.data_ptr<scalar_t>();
-    scalar_t* pdh = grad_h.data_ptr<scalar_t>();
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
-      const int64_t t_prev = reverse ? t + 1 : t - 1;
-      scalar_t* pdc = grad_c.data_ptr<scalar_t>();
-      scalar_t* pdc_prev = grad_c_prev.data_ptr<scalar_t>();
-      at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t row = t * B + b;
-          scalar_t* dg = pdg + row * 4 * H;
-          if (t >= length[b]) {
-            std::memset(dg, 0, 4 * H * sizeof(scalar_t));
-            continue;
-          }
-          const SequenceSteps steps = sequence_steps(length[b], reverse);
-          // The step that produced h_n takes grad_h_n / grad_c_n; every other takes what the later step passed back.
-          const bool at_last = t == steps.last, at_first = t == steps.first;
-          scalar_t* dh = pdh + b * H;
-          const scalar_t* dh_carry = at_last ? pghn + b * H : dh;
-          const scalar_t* dout = pgo + row * H;
-          for (int64_t j = 0; j < H; ++j) dh[j] = dh_carry[j] + dout[j];
-          lstm_cell_bwd_row<scalar_t>(pg + row * 4 * H, at_first ? pc0 + b * H : pc + (t_prev * B + b) * H,
-                                      pc + row * H, dh, at_last ? pgcn + b * H : pdc + b * H, dg,
-                                      at_first ? pdcx + b * H : pdc_prev + b * H, H);
-          if (at_first) std::memcpy(pdg_first + b * 4 * H, dg, 4 * H * sizeof(scalar_t));
-        }
-      });
-      std::swap(grad_c, grad_c_prev);
-      if (s + 1 < T) {
-        at::Tensor grad_gates_t = grad_gates_2d.narrow(0, t * B, B);
-        recurrent.run(grad_gates_t, grad_h, /*accumulate=*/false);
-      }
-    }
+    backward_recurrence<scalar_t>(grad_gates, grad_gates_first, grad_cx, grad_h, grad_c, grad_c_prev, go, ghn, gcn,
+                                  gt, cc, c0, w_hh, length, reverse);
   });
   return lstm_layer_grads_after_loop(grad_gates, grad_gates_first, grad_h_n, grad_cx, input, hx, w_ih, w_hh,
                                      lengths, reverse, output);

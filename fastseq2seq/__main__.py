@@ -68,6 +68,12 @@ def _parser():
         if name == "evaluate":
             command.add_argument("--src", required=True, help="source sentences (plain or .gz)")
             command.add_argument("--ref", required=True, help="reference translations, aligned with --src")
+
+    from fastseq2seq.benchmarks.options import add_suite_arguments
+
+    add_suite_arguments(commands.add_parser(
+        "bench", help="the benchmark suite: every op and the model against their baselines, side by side; "
+                      "markdown, JSON and charts in --out"))
     return parser
 
 
@@ -91,6 +97,10 @@ def _run(args):
         from fastseq2seq.translate import run_evaluate
 
         run_evaluate(args)
+    elif args.command == "bench":
+        from fastseq2seq.benchmarks.suite import run_suite
+
+        run_suite(args)
 
 
 def main(argv=None):

@@ -128,6 +128,22 @@ def test_long_sequences(backend, dtype, reverse):
     check_against_torch(backend, "cpu", dtype, 1000, 4, 3, 5, "random", reverse)
 
 
+# The CPU kernel's fp32 loop on an AVX-512 CPU splits the hidden units into panels (16 units forward, 64 backward)
+# shared out among threads, and the batch into blocks of 6 rows: these sizes cross every such boundary.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("T,B,H,lengths,reverse", [(5, 13, 130, "random", False), (4, 7, 200, "random", True),
+                                                   (3, 6, 64, None, False), (3, 1, 17, None, True)])
+def test_cpu_kernel_across_panel_and_thread_splits(threads, T, B, H, lengths, reverse):
+    if "cpu" not in fastseq2seq.available_backends("cpu"):
+        pytest.skip("the cpu backend is not built")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_torch("cpu", "cpu", torch.float32, T, B, 11, H, lengths, reverse)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def gradcheck_backends():
     backends = ["reference"] + [b for b in ("cpu",) if b in fastseq2seq.available_backends("cpu")]
     return backends + (["triton"] if interpreted_triton() else [])

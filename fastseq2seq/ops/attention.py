@@ -89,8 +89,10 @@ def check_attention_args(query, keys, values, mask, lengths, score, v, backend):
         if lengths.device != query.device:
             fail("lengths", f"is on {lengths.device} but 'query' is on {query.device}")
         # Reading the values syncs with the device; a compiled graph cannot branch on them.
-        if not torch.compiler.is_compiling() and B and not bool(((lengths >= 0) & (lengths <= S)).all()):
-            fail("lengths", f"every length must lie in [0, S={S}], got {lengths.tolist()}")
+        if not torch.compiler.is_compiling() and B:
+            lowest, highest = (x.item() for x in torch.aminmax(lengths))  # one op: this runs at every decoder step
+            if lowest < 0 or highest > S:
+                fail("lengths", f"every length must lie in [0, S={S}], got {lengths.tolist()}")
 
 
 def _check_fused_args(query, keys, values, mask, v, backend):

@@ -1,0 +1,5 @@
+"""Runs fastseq2seq/benchmarks/decoder_step.py alone, with its shape options (--help)."""
+from fastseq2seq.benchmarks.suite import run_script
+
+if __name__ == "__main__":
+    run_script("decoder_step")
