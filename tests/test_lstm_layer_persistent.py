@@ -36,7 +36,7 @@ GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def plan(batch, hidden, dtype, device_numbers=H200, backward=False):
-    """[units, rows, blocks, chunk, depth, splits, ld, smem bytes] of a persistent CUDA kernel, [] if it does not fit."""
+    """[units, rows, blocks, chunk, depth, splits, ld, smem bytes] of a persistent CUDA kernel; [] if it won't fit."""
     return torch.ops.fastseq2seq.lstm_layer_persistent_plan(batch, hidden, dtype, *device_numbers, backward)
 
 

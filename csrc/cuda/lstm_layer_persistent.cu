@@ -119,7 +119,8 @@ struct PersistentShared {
   acc_t* part;     // partial products [splits, chunk, rows]
   acc_t* state;    // the units' cell state (forward) or its gradient (backward) [B, units]
 
-  __device__ PersistentShared(unsigned char* smem, const PersistentPlan& plan, int B) {
+  __device__ PersistentShared(const PersistentPlan& plan, int B) {
+    extern __shared__ __align__(128) unsigned char smem[];
     const PersistentSmem layout = persistent_smem_layout(plan.rows, plan.chunk, plan.splits, plan.ld, B, plan.units,
                                                          sizeof(scalar_t), sizeof(acc_t));
     w = reinterpret_cast<scalar_t*>(smem + layout.w);
@@ -142,6 +143,12 @@ __device__ __forceinline__ void stage_rows(scalar_t* tile, const scalar_t* src, 
     if (b0 + n < B) val = __ldcg(reinterpret_cast<const uint4*>(src + int64_t(b0 + n) * depth) + v);
     *reinterpret_cast<uint4*>(tile + n * ld + v * kVec) = val;
   }
+}
+
+// Buffer s % 2 of a double buffer [2, B, depth] in global memory.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t* step_buffer(scalar_t* buf, int64_t s, int B, const PersistentPlan& plan) {
+  return buf + (s & 1) * int64_t(B) * plan.depth;
 }
 
 // Stages rows b0 .. b0 + chunk of src (h_{t-1} or the previous step's gate gradients, [B, depth]) and multiplies
@@ -184,17 +191,14 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
                                      const int64_t* __restrict__ lengths, int64_t T, int B, int H, bool reverse,
                                      PersistentPlan plan) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const PersistentShared<scalar_t> sh(smem, plan, B);
-  const int U = plan.units, rows = plan.rows, chunk = plan.chunk, ld = plan.ld, depth = plan.depth;
-  const int tid = threadIdx.x, j0 = blockIdx.x * U;
-
+  const PersistentShared<scalar_t> sh(plan, B);
+  const int U = plan.units, chunk = plan.chunk, ld = plan.ld, j0 = blockIdx.x * U;
   // The block's W_hh rows q*H + j0 + u at row q*U + u, zero past H (units and K alike): loaded once for all steps.
-  for (int idx = tid; idx < rows * ld; idx += kPersistentThreads) {
+  for (int idx = threadIdx.x; idx < plan.rows * ld; idx += kPersistentThreads) {
     const int r = idx / ld, k = idx % ld, j = j0 + r % U;
     sh.w[idx] = (j < H && k < H) ? w_hh[(int64_t(r / U) * H + j) * H + k] : scalar_t(0);
   }
-  for (int idx = tid; idx < B * U; idx += kPersistentThreads) {
+  for (int idx = threadIdx.x; idx < B * U; idx += kPersistentThreads) {
     const int j = j0 + idx % U;
     sh.state[idx] = j < H ? static_cast<acc_t>(c_n[int64_t(idx / U) * H + j]) : acc_t(0);
   }
@@ -203,8 +207,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     // Buffer s % 2 holds h_{t-1}; the other one was last read in step s - 1, before the grid barrier.
-    const scalar_t* h_cur = h_buf + (s & 1) * int64_t(B) * depth;
-    scalar_t* h_next = h_buf + ((s + 1) & 1) * int64_t(B) * depth;
+    const scalar_t* h_cur = step_buffer(h_buf, s, B, plan);
+    scalar_t* h_next = step_buffer(h_buf, s + 1, B, plan);
     for (int b0 = 0; b0 < B; b0 += chunk) {
       // This thread's (row, unit) pairs p = tid + i * threads: their input projections and lengths, loaded before
       // the product so that their latency hides behind it.
@@ -231,7 +235,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         for (int q = 0; q < 4; ++q) {
           gate[q] = x_proj[i][q];
           for (int split = 0; split < plan.splits; ++split) {
-            gate[q] += sh.part[(split * chunk + n) * rows + q * U + u];
+            gate[q] += sh.part[(split * chunk + n) * plan.rows + q * U + u];
           }
         }
         const int64_t row = t * B + b;
@@ -251,7 +255,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
           for (int q = 0; q < 4; ++q) g[q * H] = scalar_t(0);
           cells[row * H + j] = output[row * H + j] = scalar_t(0);
         }
-        h_next[int64_t(b) * depth + j] = h_new;
+        h_next[int64_t(b) * plan.depth + j] = h_new;
         if (s == T - 1) {
           h_n[int64_t(b) * H + j] = h_new;
           c_n[int64_t(b) * H + j] = static_cast<scalar_t>(c);
@@ -278,14 +282,11 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
                                      const scalar_t* __restrict__ w_hh, const int64_t* __restrict__ lengths, int64_t T,
                                      int B, int H, bool reverse, PersistentPlan plan) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const PersistentShared<scalar_t> sh(smem, plan, B);
-  const int U = plan.units, rows = plan.rows, chunk = plan.chunk, ld = plan.ld, depth = plan.depth;
-  const int tid = threadIdx.x, j0 = blockIdx.x * U;
-
+  const PersistentShared<scalar_t> sh(plan, B);
+  const int U = plan.units, chunk = plan.chunk, ld = plan.ld, j0 = blockIdx.x * U;
   // Row u of the slice is column j0 + u of W_hh (k = the 4H gate rows), zero past H and 4H; u varies fastest so
   // that the reads of W_hh's rows coalesce.
-  for (int idx = tid; idx < rows * ld; idx += kPersistentThreads) {
+  for (int idx = threadIdx.x; idx < plan.rows * ld; idx += kPersistentThreads) {
     const int k = idx / U, u = idx % U, j = j0 + u;
     sh.w[u * ld + k] = (j < H && k < 4 * H) ? w_hh[int64_t(k) * H + j] : scalar_t(0);
   }
@@ -295,8 +296,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     const int64_t t = reverse ? s : T - 1 - s;
     const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step before t in the forward's order
     // Buffer s % 2 holds the gate gradients of step s - 1 (zeros at s = 0, where every valid row takes grad_h_n).
-    const scalar_t* dg_cur = dg_buf + (s & 1) * int64_t(B) * depth;
-    scalar_t* dg_next = dg_buf + ((s + 1) & 1) * int64_t(B) * depth;
+    const scalar_t* dg_cur = step_buffer(dg_buf, s, B, plan);
+    scalar_t* dg_next = step_buffer(dg_buf, s + 1, B, plan);
     for (int b0 = 0; b0 < B; b0 += chunk) {
       // This thread's (row, unit) pairs: what the forward saved and the incoming gradients, loaded before the
       // product so that their latency hides behind it.
@@ -334,7 +335,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         if (!pair.active) continue;
         const int n = pair.n, u = pair.u, b = pair.b, j = pair.j;
         scalar_t* dg = grad_gates + (t * B + b) * 4 * H + j;
-        scalar_t* dg_row = dg_next + int64_t(b) * depth + j;
+        scalar_t* dg_row = dg_next + int64_t(b) * plan.depth + j;
         if (!valid[i]) {  // zero gate gradients past the end, as the per-step path
 #pragma unroll
           for (int q = 0; q < 4; ++q) dg[q * H] = dg_row[q * H] = scalar_t(0);
@@ -343,7 +344,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         // dL/dh_t: the output's gradient plus grad_h_n at the last step, else dgates_{t+1} W_hh from the product.
         acc_t dh = dh_in[i];
         if (!at_last[i]) {
-          for (int split = 0; split < plan.splits; ++split) dh += sh.part[(split * chunk + n) * rows + u];
+          for (int split = 0; split < plan.splits; ++split) dh += sh.part[(split * chunk + n) * plan.rows + u];
         }
         acc_t& dc_state = sh.state[b * U + u];
         acc_t d_gate[4];
@@ -393,7 +394,7 @@ void launch_cooperative(void (*kernel)(Params...), const PersistentPlan& plan, s
                                              at::cuda::getCurrentCUDAStream()));
 }
 
-// What both launchers check: contiguous CUDA buffers of one dtype and device, sizes that fit 32-bit indexing.
+// A buffer of the given shape, contiguous, on the device and in the dtype of ref.
 void check_buffer(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
                   at::IntArrayRef shape) {
   check_shape(t, name, shape);
@@ -401,7 +402,14 @@ void check_buffer(const at::Tensor& t, const char* name, const at::Tensor& ref, 
   check_like(t, name, ref, ref_name);
 }
 
-void check_lengths(const std::optional<at::Tensor>& lengths, int64_t B, int64_t H) {
+// The checks both launchers share (gates [T, B, 4H] leads), then the pass's plan on this GPU: nullopt when it does
+// not fit, or for T = 0.
+std::optional<PersistentPlan> checked_plan(const at::Tensor& gates, const at::Tensor& w_hh,
+                                           const std::optional<at::Tensor>& lengths, int64_t H, bool backward) {
+  const int64_t T = gates.size(0), B = gates.size(1);
+  check_buffer(gates, "gates", gates, "gates", {T, B, 4 * H});
+  check_shape(w_hh, "w_hh", {4 * H, H});
+  check_like(w_hh, "w_hh", gates, "gates");
   if (lengths) {
     check_shape(*lengths, "lengths", {B});
     FS2S_CHECK_ARG(lengths->is_cuda() && lengths->is_contiguous() && lengths->scalar_type() == at::kLong, "lengths",
@@ -409,6 +417,7 @@ void check_lengths(const std::optional<at::Tensor>& lengths, int64_t B, int64_t 
   }
   FS2S_CHECK_ARG(B <= std::numeric_limits<int>::max() && H <= std::numeric_limits<int>::max() / 4, "w_hh",
                  "batch and hidden sizes must fit 32-bit indexing, got B = ", B, ", H = ", H);
+  return T > 0 ? plan_here(B, H, gates.scalar_type(), backward) : std::nullopt;
 }
 
 }  // namespace
@@ -417,15 +426,11 @@ bool lstm_layer_persistent_fwd(at::Tensor& gates, at::Tensor& cells, at::Tensor&
                                at::Tensor& c, const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
                                bool reverse) {
   const int64_t T = gates.size(0), B = gates.size(1), H = h.size(1);
-  check_buffer(gates, "gates", gates, "gates", {T, B, 4 * H});
   check_buffer(cells, "cells", gates, "gates", {T, B, H});
   check_buffer(output, "output", gates, "gates", {T, B, H});
   check_buffer(h, "h", gates, "gates", {B, H});
   check_buffer(c, "c", gates, "gates", {B, H});
-  check_shape(w_hh, "w_hh", {4 * H, H});
-  check_like(w_hh, "w_hh", gates, "gates");
-  check_lengths(lengths, B, H);
-  const std::optional<PersistentPlan> plan = T > 0 ? plan_here(B, H, gates.scalar_type(), false) : std::nullopt;
+  const std::optional<PersistentPlan> plan = checked_plan(gates, w_hh, lengths, H, /*backward=*/false);
   if (!plan) return false;
 
   const at::Tensor w = w_hh.contiguous();
@@ -446,7 +451,6 @@ bool lstm_layer_persistent_bwd(const at::Tensor& gates, const at::Tensor& cells,
                                at::Tensor& grad_gates, at::Tensor& grad_gates_first, at::Tensor& grad_cx,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths, bool reverse) {
   const int64_t T = gates.size(0), B = gates.size(1), H = c0.size(1);
-  check_buffer(gates, "gates", gates, "gates", {T, B, 4 * H});
   check_buffer(cells, "cells", gates, "gates", {T, B, H});
   check_buffer(c0, "c0", gates, "gates", {B, H});
   check_buffer(grad_output, "grad_output", gates, "gates", {T, B, H});
@@ -455,10 +459,7 @@ bool lstm_layer_persistent_bwd(const at::Tensor& gates, const at::Tensor& cells,
   check_buffer(grad_gates, "grad_gates", gates, "gates", {T, B, 4 * H});
   check_buffer(grad_gates_first, "grad_gates_first", gates, "gates", {B, 4 * H});
   check_buffer(grad_cx, "grad_cx", gates, "gates", {B, H});
-  check_shape(w_hh, "w_hh", {4 * H, H});
-  check_like(w_hh, "w_hh", gates, "gates");
-  check_lengths(lengths, B, H);
-  const std::optional<PersistentPlan> plan = T > 0 ? plan_here(B, H, gates.scalar_type(), true) : std::nullopt;
+  const std::optional<PersistentPlan> plan = checked_plan(gates, w_hh, lengths, H, /*backward=*/true);
   if (!plan) return false;
 
   const at::Tensor w = w_hh.contiguous();
