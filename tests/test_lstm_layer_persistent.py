@@ -132,9 +132,9 @@ def test_triton_bad_value_names_the_variable(monkeypatch):
         kernels.recurrence()
 
 
-@pytest.mark.parametrize("value", [pytest.param(v, marks=cuda_only) for v in ("fast", "graph")])
+@pytest.mark.parametrize("value", [pytest.param(v, marks=cuda_only) for v in ("fast", "Persistent")])
 def test_cuda_bad_value_names_the_variable(monkeypatch, value):
-    """The cuda backend takes auto, per-step and persistent; graph is a Triton-only value."""
+    """The cuda backend takes auto, per-step, graph (per step there) and persistent."""
     monkeypatch.setenv(ENV, value)
     x, h0, c0, *weights = make_inputs(2, 3, 4, 5, torch.float32, "cuda")
     with pytest.raises(ValueError, match=f"{ENV}.*'{value}'"):

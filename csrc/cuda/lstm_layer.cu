@@ -102,16 +102,17 @@ __global__ void lstm_layer_step_bwd_kernel(const scalar_t* __restrict__ gates_t,
 
 constexpr int kThreads = 256;
 
-// FASTSEQ2SEQ_LSTM_RECURRENCE, read at every call: auto (default) | per-step | persistent. `auto` keeps the per-step
-// path, the one the tests have verified: the persistent kernels have not run on a GPU yet, so they run only when
-// asked.
+// FASTSEQ2SEQ_LSTM_RECURRENCE, read at every call: auto (default) | per-step | graph | persistent. `auto` keeps the
+// per-step path, the one the tests have verified: the persistent kernels have not run on a GPU yet, so they run only
+// when asked. `graph` (CUDA-graph replay) is the Triton path's; here it is per-step, so that one process-wide value
+// serves both backends.
 bool persistent_recurrence_requested() {
   const char* value = std::getenv("FASTSEQ2SEQ_LSTM_RECURRENCE");
   const std::string mode = value ? value : "";
-  if (mode.empty() || mode == "auto" || mode == "per-step") return false;
+  if (mode.empty() || mode == "auto" || mode == "per-step" || mode == "graph") return false;
   TORCH_CHECK_VALUE(mode == "persistent",
-                    "fastseq2seq: environment variable FASTSEQ2SEQ_LSTM_RECURRENCE must be auto, per-step or "
-                    "persistent for the cuda backend ('graph' is a triton-backend value), got '", mode, "'");
+                    "fastseq2seq: environment variable FASTSEQ2SEQ_LSTM_RECURRENCE must be auto, per-step, graph or "
+                    "persistent, got '", mode, "'");
   return true;
 }
 
