@@ -1,4 +1,5 @@
-// Attention op schemas and the CPU kernels: per query row one pass over S with an online softmax.
+// Attention op schemas and the CPU kernels: forward, per query row one pass over S with an online softmax; backward,
+// a fused row loop, or batched matrix products for dot scores with several query rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -187,8 +188,9 @@ FS2S_ROW_INLINE void attention_fwd_group(const T* q, int64_t G, const T* keys, c
   }
 }
 
-// All query rows of one batch element (their key and value gradients add up). Recomputes the weights from lse;
-// p and dp are [S] scratch. grad_keys, grad_values and grad_v_partial are zero on entry.
+// All query rows of one batch element (their key and value gradients add up), recomputing the weights from lse and,
+// for additive scores, the tanh terms element by element so that no [S, D] tensor exists; p and dp are [S] scratch.
+// grad_keys, grad_values and grad_v_partial are zero on entry.
 template <typename T>
 FS2S_ROW_INLINE void attention_bwd_batch(const T* query, const T* keys, const T* values, const bool* mask, const T* v,
                          const T* grad_context, const T* grad_weights, const T* lse, int64_t Tq, int64_t S,
@@ -313,12 +315,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tenso
   return {context, weights, lse};
 }
 
+// Dot scores with several query rows per batch element (teacher-forced Luong attention): the backward as batched
+// matrix products (flash-attention's, with the weights recomputed from lse), which MKL runs faster than the row
+// loop's dot products and axpys; for one query row the row loop, which skips these ops' fixed costs, wins. Query rows
+// go in chunks that keep each [B, chunk, S] temporary under kDotBwdElements; there is at least one (T > 1).
+constexpr int64_t kDotBwdElements = int64_t(1) << 22;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_dot_bwd_cpu(
+    const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_weights, const at::Tensor& query,
+    const at::Tensor& keys, const at::Tensor& values, const std::optional<at::Tensor>& mask, const at::Tensor& lse) {
+  const int64_t B = query.size(0), Tq = query.size(1), S = keys.size(1);
+  at::Tensor grad_query = at::empty_like(query, at::MemoryFormat::Contiguous);
+  at::Tensor grad_keys = at::empty_like(keys, at::MemoryFormat::Contiguous);
+  at::Tensor grad_values = at::empty_like(values, at::MemoryFormat::Contiguous);
+  const int64_t chunk = std::max<int64_t>(1, kDotBwdElements / std::max<int64_t>(1, B * S));
+  const at::Tensor keys_t = keys.transpose(1, 2), values_t = values.transpose(1, 2);
+  for (int64_t t0 = 0; t0 < Tq; t0 += chunk) {
+    const int64_t n = std::min(chunk, Tq - t0);
+    const at::Tensor q = query.narrow(1, t0, n), go = grad_context.narrow(1, t0, n);
+    // lse is +inf on a row with no real position: its weights come out 0, and so do its gradients.
+    at::Tensor p = at::bmm(q, keys_t).sub_(lse.narrow(1, t0, n).unsqueeze(2).to(query.scalar_type())).exp_();
+    if (mask) p.masked_fill_(mask->logical_not().unsqueeze(1), 0);
+    at::Tensor dp = at::bmm(go, values_t);
+    if (grad_weights) dp.add_(grad_weights->narrow(1, t0, n));
+    const at::Tensor delta = (p * dp).sum(2, /*keepdim=*/true);  // the softmax backward's row term
+    const at::Tensor ds = dp.sub_(delta).mul_(p);
+    grad_query.narrow(1, t0, n).copy_(at::bmm(ds, keys));
+    if (t0 == 0) {  // the first chunk writes the key and value gradients, the others add to them
+      at::bmm_out(grad_keys, ds.transpose(1, 2), q);
+      at::bmm_out(grad_values, p.transpose(1, 2), go);
+    } else {
+      grad_keys.baddbmm_(ds.transpose(1, 2), q);
+      grad_values.baddbmm_(p.transpose(1, 2), go);
+    }
+  }
+  return {grad_query, grad_keys, grad_values, at::empty({0}, query.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_weights, const at::Tensor& query,
     const at::Tensor& keys, const at::Tensor& values, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& v, const at::Tensor& lse) {
   check_attention_args(query, keys, values, mask, v);
   check_attention_bwd_args(grad_context, grad_weights, query, keys, values, lse);
+  if (!v && query.size(1) > 1)
+    return attention_dot_bwd_cpu(grad_context, grad_weights, query, keys, values, mask, lse);
   const int64_t B = query.size(0), Tq = query.size(1), D = query.size(2), S = keys.size(1), Dv = values.size(2);
   const at::Tensor q = query.contiguous(), k = keys.contiguous(), vals = values.contiguous(),
                    go = grad_context.contiguous(), ls = lse.contiguous();

@@ -24,7 +24,8 @@ inline void check_float_dtype(const at::Tensor& t, const char* name, bool on_cud
   auto dt = t.scalar_type();
   bool ok = on_cuda ? (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble)
                     : (dt == at::kFloat || dt == at::kDouble);
-  FS2S_CHECK_ARG(ok, name, "dtype ", dt, " is not supported by the ", on_cuda ? "cuda backend on cuda" : "cpu backend on cpu",
+  FS2S_CHECK_ARG(ok, name, "dtype ", dt, " is not supported by the ",
+                 on_cuda ? "cuda backend on cuda" : "cpu backend on cpu",
                  on_cuda ? " (float32, float64, float16, bfloat16)" : " (float32, float64)");
 }
 

@@ -128,10 +128,11 @@ void zero_gate_units(scalar_t* gates, int64_t n, int64_t H) {
   for (int64_t k = 0; k < 4; ++k) std::memset(gates + k * H, 0, n * sizeof(scalar_t));
 }
 
-// The forward's loop over the steps: two ways through them, one per-row update (update_rows). With the panel GEMM (fp32, AVX-512) each thread owns a slice of
-// hidden units for the whole sequence: its step is the recurrent product for its units' four gates followed by
-// their gate math, and the fork/join between steps is the only synchronization. Otherwise each step is one
-// multi-threaded GEMM over all units, then the gate math in parallel over rows.
+// The forward's loop over the steps: two ways through them, one per-row update (update_rows). With the panel GEMM
+// (fp32, AVX-512) each thread owns a slice of hidden units for the whole sequence: its step is the recurrent product
+// for its units' four gates followed by their gate math, and the fork/join between steps is the only
+// synchronization. Otherwise each step is one multi-threaded GEMM over all units, then the gate math in parallel
+// over rows.
 template <typename scalar_t>
 void forward_recurrence(at::Tensor& gates, at::Tensor& cells, at::Tensor& output, at::Tensor& h_n, at::Tensor& c_n,
                         const at::Tensor& w_hh, const std::vector<int64_t>& length, bool reverse) {

@@ -152,6 +152,17 @@ def test_long_source(backend, score):
     check_against_reference(outs, grads, ref_outs, ref_grads, torch.float32, "cpu", shape)
 
 
+@pytest.mark.skipif("cpu" not in fastseq2seq.available_backends("cpu"), reason="the cpu backend is not built")
+def test_cpu_dot_backward_across_query_chunks():
+    """The CPU dot backward takes the query rows in chunks of 2^22 / (B * S) (512 here): T = 600 spans two."""
+    shape = (2, 600, 4096, 3, 2)
+    query, keys, values, v = make_inputs(*shape, torch.float32, "cpu", "dot")
+    mask, _ = make_padding("empty_row", 2, 4096, "cpu")
+    outs, grads = forward_backward(query, keys, values, v, "cpu", mask=mask, score="dot")
+    ref_outs, ref_grads = reference_of(query, keys, values, v, mask=mask, score="dot")
+    check_against_reference(outs, grads, ref_outs, ref_grads, torch.float32, "cpu", shape)
+
+
 def cpu_fused_backends():
     return ["cpu"] * ("cpu" in fastseq2seq.available_backends("cpu")) + ["triton"] * interpreted_triton()
 
