@@ -41,6 +41,26 @@ def check_like(t, arg, ref, ref_arg):
         fail(arg, f"has dtype {t.dtype} but '{ref_arg}' has {ref.dtype}")
 
 
+def check_lengths(lengths, B, ref, ref_arg):
+    """lengths: int64 [B] on the device of `ref`. Its values are checked apart (check_lengths_range)."""
+    check_shape(lengths, "lengths", (B,))
+    if lengths.dtype != torch.int64:
+        fail("lengths", f"expected dtype int64, got {lengths.dtype}")
+    if lengths.device != ref.device:
+        fail("lengths", f"is on {lengths.device} but '{ref_arg}' is on {ref.device}")
+
+
+def check_lengths_range(lengths, upper, upper_name):
+    """Every length in [0, upper]. Reads the values: one host round trip on CUDA (one aminmax, as this runs at
+    every decoder step), and nothing a compiled graph can branch on."""
+    if lengths is not None and lengths.numel():
+        low, high = (x.item() for x in torch.aminmax(lengths))
+        if low < 0:
+            fail("lengths", f"must be >= 0, got {low}")
+        if high > upper:
+            fail("lengths", f"must be <= {upper_name} = {upper}, got {high}")
+
+
 def check_float_dtype(t, arg, backend):
     allowed = SUPPORTED_DTYPES[(backend, t.device.type)]
     if t.dtype not in allowed:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from fastseq2seq.backends import select_backend
-from fastseq2seq.ops._checks import check_float_dtype, check_like, check_rank, check_shape, check_tensor, fail
+from fastseq2seq.ops._checks import (check_float_dtype, check_lengths, check_lengths_range, check_like, check_rank,
+                                     check_shape, check_tensor, fail)
 from fastseq2seq.ops._registry import register_fused_ops
 
 SCORES = ("dot", "additive")
@@ -83,16 +84,10 @@ def check_attention_args(query, keys, values, mask, lengths, score, v, backend):
         if mask.device != query.device:
             fail("mask", f"is on {mask.device} but 'query' is on {query.device}")
     if lengths is not None:
-        check_shape(lengths, "lengths", (B,))
-        if lengths.dtype != torch.int64:
-            fail("lengths", f"expected an int64 tensor, got {lengths.dtype}")
-        if lengths.device != query.device:
-            fail("lengths", f"is on {lengths.device} but 'query' is on {query.device}")
-        # Reading the values syncs with the device; a compiled graph cannot branch on them.
-        if not torch.compiler.is_compiling() and B:
-            lowest, highest = (x.item() for x in torch.aminmax(lengths))  # one op: this runs at every decoder step
-            if lowest < 0 or highest > S:
-                fail("lengths", f"every length must lie in [0, S={S}], got {lengths.tolist()}")
+        check_lengths(lengths, B, query, "query")
+        # A compiled graph cannot branch on the values; the fused ops only ever see the mask made from them.
+        if not torch.compiler.is_compiling():
+            check_lengths_range(lengths, S, "S = keys.size(1)")
 
 
 def _check_fused_args(query, keys, values, mask, v, backend):

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from fastseq2seq.backends import select_backend
-from fastseq2seq.ops._checks import check_lstm_args, check_rank, check_shape, check_state_pair, check_tensor, fail
+from fastseq2seq.ops._checks import (check_lengths, check_lengths_range, check_lstm_args, check_rank, check_shape,
+                                     check_state_pair, check_tensor)
 from fastseq2seq.ops._registry import register_fused_ops
 from fastseq2seq.ops.lstm_cell import lstm_cell_reference
 
@@ -44,23 +45,8 @@ def lstm_layer_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths
 def check_lstm_layer_args(input, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, backend):
     """Ranks, shapes, dtypes and devices; the C++ kernels check the same (csrc/lstm_layer.h)."""
     check_lstm_args(input, 3, hx, cx, w_ih, w_hh, b_ih, b_hh, backend)
-    B = input.shape[1]
     if lengths is not None:
-        check_shape(lengths, "lengths", (B,))
-        if lengths.dtype != torch.int64:
-            fail("lengths", f"expected dtype int64, got {lengths.dtype}")
-        if lengths.device != input.device:
-            fail("lengths", f"is on {lengths.device} but 'input' is on {input.device}")
-
-
-def check_lengths_values(lengths, T):
-    """Needs the values (a host round trip on CUDA), so the fused ops run it inside themselves, opaque to compile."""
-    if lengths is not None and lengths.numel():
-        low, high = torch.aminmax(lengths)
-        if low < 0:
-            fail("lengths", f"must be >= 0, got {int(low)}")
-        if high > T:
-            fail("lengths", f"must be <= T = input.size(0) = {T}, got {int(high)}")
+        check_lengths(lengths, input.shape[1], input, "input")
 
 
 @torch.library.custom_op("fastseq2seq::lstm_layer_fwd_triton", mutates_args=(), device_types=("cpu", "cuda"))
@@ -68,7 +54,7 @@ def _lstm_layer_fwd_triton(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, 
                            b_hh: Optional[Tensor], lengths: Optional[Tensor],
                            reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_lstm_layer_args(input, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, "triton")
-    check_lengths_values(lengths, input.shape[0])
+    check_lengths_range(lengths, input.shape[0], "T = input.size(0)")
     from fastseq2seq.kernels import lstm_layer as kernels
 
     return kernels.lstm_layer_fwd(input, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, reverse)
@@ -80,7 +66,7 @@ def _lstm_layer_bwd_triton(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tens
                            output: Tensor, gates: Tensor,
                            cells: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_lstm_layer_args(input, hx, cx, w_ih, w_hh, None, None, lengths, "triton")
-    check_lengths_values(lengths, input.shape[0])
+    check_lengths_range(lengths, input.shape[0], "T = input.size(0)")
     T, B, _ = input.shape
     H = hx.shape[1]
     for t, arg, shape in ((grad_output, "grad_output", (T, B, H)), (grad_h_n, "grad_h_n", (B, H)),
@@ -149,7 +135,7 @@ def lstm_layer(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths=None, rev
     name = select_backend(backend, input.device, "lstm_layer")
     check_lstm_layer_args(input, h, c, w_ih, w_hh, b_ih, b_hh, lengths, name)
     if name == "reference":
-        check_lengths_values(lengths, input.shape[0])
+        check_lengths_range(lengths, input.shape[0], "T = input.size(0)")
         return lstm_layer_reference(input, (h, c), w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse)
     output, h_n, c_n, _, _ = _FUSED_OPS[name][0](input, h, c, w_ih, w_hh, b_ih, b_hh, lengths, bool(reverse))
     return output, (h_n, c_n)
