@@ -1,4 +1,5 @@
 import copy
+import importlib
 import itertools
 import pickle
 import random
@@ -13,6 +14,10 @@ from fastseq2seq.nn import LSTM, Attention, LSTMCell, PrecomputedKeys, convert_l
 from fastseq2seq.ops import attention_reference
 
 CPU_BACKENDS = [b for b in fastseq2seq.available_backends("cpu")]
+GPU_BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not (torch.cuda.is_available() and b in fastseq2seq.available_backends("cuda")),
+    reason=f"{b} on cuda is not available")]) for b in ("cuda", "triton")]
+lstm_module = importlib.import_module("fastseq2seq.nn.lstm")
 TOL = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=2e-5, rtol=1e-4)}
 
 
@@ -76,6 +81,44 @@ def test_lstm_matches_torch(backend, layers, bidirectional, batch_first, bias, p
     assert g1.keys() == g2.keys()
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("layers,batch_first,packed,with_hx", [(1, False, False, False), (2, True, True, True),
+                                                               (3, False, True, False)])
+def test_bidirectional_lstm_on_gpu_runs_directions_on_two_streams_and_matches_torch(backend, layers, batch_first,
+                                                                                    packed, with_hx, monkeypatch):
+    torch.manual_seed(0)
+    T, B, I, H = 9, 5, 6, 8
+    ref = torch.nn.LSTM(I, H, num_layers=layers, batch_first=batch_first, bidirectional=True, dtype=torch.float64)
+    ours = LSTM(I, H, num_layers=layers, batch_first=batch_first, bidirectional=True, device="cuda")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(B, T, I, dtype=torch.float64) if batch_first else torch.randn(T, B, I, dtype=torch.float64)
+    lengths = torch.tensor([9, 3, 1, 7, 9])
+    hx = (torch.randn(2 * layers, B, H, dtype=torch.float64), torch.randn(2 * layers, B, H, dtype=torch.float64))
+    streams = []
+    layer_op = lstm_module.lstm_layer
+
+    def lstm_layer_noting_its_stream(*args, reverse=False, **kwargs):
+        streams.append((reverse, torch.cuda.current_stream()))
+        return layer_op(*args, reverse=reverse, **kwargs)
+
+    monkeypatch.setattr(lstm_module, "lstm_layer", lstm_layer_noting_its_stream)
+    results = []
+    for module, to in ((ours, dict(device="cuda", dtype=torch.float32)), (ref, {})):
+        xi = x.to(**to).requires_grad_()
+        inp = pack_padded_sequence(xi, lengths, batch_first=batch_first, enforce_sorted=False) if packed else xi
+        with fastseq2seq.use_backend(backend):
+            out, (h, c) = module(inp, tuple(t.to(**to) for t in hx) if with_hx else None)
+        out = out.data if packed else out
+        (out.square().sum() + h.sum() + 2 * c.sum()).backward()
+        grads = (xi.grad, *(p.grad for p in module.parameters()))
+        results.append([t.detach().cpu().double() for t in (out, h, c, *grads)])
+    for ours_t, ref_t in zip(*results):
+        torch.testing.assert_close(ours_t, ref_t, **TOL[torch.float32])
+    main = torch.cuda.current_stream()
+    assert len(streams) == 2 * layers
+    assert all((stream == main) != reverse for reverse, stream in streams)
 
 
 def test_lstm_state_dict_loads_both_ways_and_unbatched_input():

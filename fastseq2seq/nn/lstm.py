@@ -3,12 +3,14 @@
 Same constructor, parameters, state_dict, forward signature and outputs as torch's modules, so they load each
 other's weights and swap in with `convert_lstm`. What is not fused falls back to torch's own forward.
 """
+import functools
 import warnings
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from fastseq2seq.ops import lstm_cell, lstm_layer
+from fastseq2seq.ops.lstm_layer import persistent_recurrence_requested
 
 
 def _let_dynamo_trace_fused_lstm():
@@ -39,6 +41,35 @@ def _autocast_dtype(device):
 
 def _cast(tensors, dtype):
     return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+_side_streams = {}
+
+
+def _overlap_directions(x):
+    """Whether the two directions of a bidirectional layer run side by side: on a GPU, outside torch.compile (which
+    traces one stream), and not on the persistent kernels, whose cooperative grids are sized to fill the GPU alone."""
+    return x.is_cuda and not torch.compiler.is_compiling() and not persistent_recurrence_requested()
+
+
+def _run_directions_concurrently(run_forward, run_backward, device):
+    """run_backward() on a side stream while run_forward() runs on the current one; both return (out, (h, c)).
+    Autograd runs each op's backward on the stream of its forward, so the backward passes overlap as well."""
+    side = _side_streams.get(device)
+    if side is None:
+        side = _side_streams[device] = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        backward = run_backward()
+    forward = run_forward()
+    main.wait_stream(side)
+    out, (h, c) = backward
+    # Allocated on the side stream, used on the current one: the allocator must not hand their memory back to
+    # the side stream before the current stream's uses of them are done.
+    for t in (out, h, c):
+        t.record_stream(main)
+    return forward, backward
 
 
 class LSTM(torch.nn.LSTM):
@@ -113,20 +144,26 @@ class LSTM(torch.nn.LSTM):
             x, h0, c0 = _cast((x, h0, c0), cast_to)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(D):
-                k = layer * D + direction
-                weights = [getattr(self, name) for name in self._all_weights[k]]
-                if cast_to is not None:
-                    weights = _cast(weights, cast_to)
-                out, (h, c) = lstm_layer(x, (h0[k], c0[k]), *weights, lengths=lengths, reverse=direction == 1)
-                outputs.append(out)
+            runs = [functools.partial(self._run_direction, x, h0, c0, layer * D + direction, direction == 1, lengths,
+                                      cast_to) for direction in range(D)]
+            if D == 2 and _overlap_directions(x):
+                results = _run_directions_concurrently(*runs, x.device)
+            else:
+                results = [run() for run in runs]
+            for _, (h, c) in results:
                 h_n.append(h)
                 c_n.append(c)
-            x = outputs[0] if D == 1 else torch.cat(outputs, dim=2)
+            x = results[0][0] if D == 1 else torch.cat([out for out, _ in results], dim=2)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = torch.nn.functional.dropout(x, self.dropout, training=True)
         return x, (torch.stack(h_n), torch.stack(c_n))
+
+    def _run_direction(self, x, h0, c0, k, reverse, lengths, cast_to):
+        """Layer-direction k (torch's flat index: layer * D + direction) over x [T, B, I] -> (out, (h_n, c_n))."""
+        weights = [getattr(self, name) for name in self._all_weights[k]]
+        if cast_to is not None:
+            weights = _cast(weights, cast_to)
+        return lstm_layer(x, (h0[k], c0[k]), *weights, lengths=lengths, reverse=reverse)
 
 
 class LSTMCell(torch.nn.LSTMCell):

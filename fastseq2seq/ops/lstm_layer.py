@@ -11,6 +11,7 @@ gates [T, B, 4H] and cell states [T, B, H] of every step are what its backward o
 FASTSEQ2SEQ_LSTM_RECURRENCE (auto | per-step | persistent, and graph for triton) picks how the cuda and triton
 forwards run the recurrence; `auto` is the per-step path (see the README).
 """
+import os
 from typing import Optional
 
 import torch
@@ -40,6 +41,12 @@ def lstm_layer_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, lengths
         h, c = h_new, c_new
     output = torch.stack(outputs) if T else input.new_zeros(0, B, h.shape[1])
     return output, (h, c)
+
+
+def persistent_recurrence_requested():
+    """FASTSEQ2SEQ_LSTM_RECURRENCE=persistent: the cuda and triton forwards run the persistent kernels where they fit
+    (the C++ and Triton sides validate the value)."""
+    return os.environ.get("FASTSEQ2SEQ_LSTM_RECURRENCE") == "persistent"
 
 
 def check_lstm_layer_args(input, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, backend):
