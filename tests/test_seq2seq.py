@@ -240,6 +240,40 @@ def test_beam_size_one_equals_greedy(config):
     assert torch.equal(beam_tokens[:, 0], tokens) and torch.equal(beam_lengths[:, 0], out_lengths)
 
 
+def test_cuda_graph_decoding_needs_a_cuda_device():
+    src, lengths, _, _ = make_batch()
+    model = make_model().eval()
+    with pytest.raises(ValueError, match="greedy: cuda_graph=True needs .* CUDA device"):
+        model.greedy(src, lengths, cuda_graph=True)
+    with pytest.raises(ValueError, match="beam_search: cuda_graph=True needs .* CUDA device"):
+        model.beam_search(src, lengths, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=config_id)
+def test_cuda_graph_decoding_equals_eager_decoding(backend, config):
+    """max_len 21 = an eager interval of 8 steps, a captured one, then 5 eager steps (unless all rows end sooner);
+    the captured steps must do exactly what the eager ones do."""
+    if backend not in fastseq2seq.available_backends("cuda"):
+        pytest.skip(f"{backend} on cuda is not available")
+    src, lengths, _, _ = make_batch(B=6, seed=3)
+    model = decoding_model(config, src, lengths, dtype=torch.float32).cuda()
+    src, lengths = src.cuda(), lengths.cuda()
+    decoders = {"greedy": lambda **kw: model.greedy(src, lengths, max_len=21, **kw),
+                "beam": lambda **kw: model.beam_search(src, lengths, beam_size=3, n_best=2, max_len=21, **kw)}
+    with fastseq2seq.use_backend(backend):
+        for name, decode in decoders.items():
+            (tokens, out_lengths, floats), (g_tokens, g_lengths, g_floats) = decode(), decode(cuda_graph=True)
+            assert torch.equal(g_tokens, tokens) and torch.equal(g_lengths, out_lengths), name
+            torch.testing.assert_close(g_floats, floats, msg=lambda m: f"{name}: {m}")
+        tokens, out_lengths, _ = model.greedy(src, lengths, max_len=21, cuda_graph=True)
+        logits, _ = teacher_forced_log_probs(model, src, lengths, tokens)
+        real = torch.arange(tokens.shape[1], device="cuda")[None, :] < out_lengths[:, None]
+        assert torch.equal(tokens[real], logits.argmax(-1)[real])
+
+
 def sequence_scores(model, src, lengths, tokens, out_lengths, length_penalty):
     _, log_p = teacher_forced_log_probs(model, src, lengths, tokens)
     real = torch.arange(tokens.shape[1])[None, :] < out_lengths[:, None]

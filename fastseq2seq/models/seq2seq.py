@@ -168,14 +168,15 @@ class Seq2Seq(torch.nn.Module):
 
     # -- decoding (fastseq2seq/models/decoding.py) ---------------------------------------------------------------
 
-    def greedy(self, src, src_lengths, max_len=None):
+    def greedy(self, src, src_lengths, max_len=None, cuda_graph=False):
         """-> (tokens [B, L], lengths [B], attention [B, L, S]); see decoding.greedy."""
-        return decoding.greedy(self, src, src_lengths, max_len=max_len)
+        return decoding.greedy(self, src, src_lengths, max_len=max_len, cuda_graph=cuda_graph)
 
-    def beam_search(self, src, src_lengths, beam_size=5, length_penalty=1.0, max_len=None, n_best=1):
+    def beam_search(self, src, src_lengths, beam_size=5, length_penalty=1.0, max_len=None, n_best=1,
+                    cuda_graph=False):
         """-> (tokens [B, n_best, L], lengths [B, n_best], scores [B, n_best]); see decoding.beam_search."""
         return decoding.beam_search(self, src, src_lengths, beam_size=beam_size, length_penalty=length_penalty,
-                           max_len=max_len, n_best=n_best)
+                                    max_len=max_len, n_best=n_best, cuda_graph=cuda_graph)
 
 
 def sequence_loss(logits: Tensor, target: Tensor, *, pad_id=0, label_smoothing=0.0) -> tuple[Tensor, Tensor]:
