@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include "lstm_cell.h"
+#include "panel_gemm.h"
+#include "weight_panels.h"
 
 namespace fastseq2seq {
 namespace {
@@ -16,9 +18,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
   check_lstm_cell_args(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
   const int64_t B = input.size(0), H = hx.size(1);
-  // Two GEMMs accumulating into one buffer: cheaper than concatenating [x, h] and [W_ih, W_hh] per call.
-  at::Tensor gates = at::mm(input, w_ih.t());
-  gates.addmm_(hx, w_hh.t());
+  // Two GEMMs accumulating into one buffer: cheaper than concatenating [x, h] and [W_ih, W_hh] per call. Inside a
+  // constant-weights scope (a decoder loop) over the gate weights packed once for the scope.
+  const auto panels_ih = scoped_weight_panels(w_ih, PanelLayout::kGates);
+  const auto panels_hh = panels_ih ? scoped_weight_panels(w_hh, PanelLayout::kGates) : std::nullopt;
+  at::Tensor gates;
+  if (panels_hh) {
+    gates = at::empty({B, 4 * H}, input.options());
+    const at::Tensor x = input.contiguous(), h_prev = hx.contiguous();
+    panel_gemm_all(x.const_data_ptr<float>(), x.size(1), B, *panels_ih, gates.data_ptr<float>(), 4 * H,
+                   gate_panel_output, H, /*accumulate=*/false);
+    panel_gemm_all(h_prev.const_data_ptr<float>(), H, B, *panels_hh, gates.data_ptr<float>(), 4 * H,
+                   gate_panel_output, H, /*accumulate=*/true);
+  } else {
+    gates = at::mm(input, w_ih.t());
+    gates.addmm_(hx, w_hh.t());
+  }
   at::Tensor c = at::empty({B, H}, input.options());
   at::Tensor h = at::empty({B, H}, input.options());
   const at::Tensor cx_c = cx.contiguous();

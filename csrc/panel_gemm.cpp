@@ -14,14 +14,18 @@ namespace fastseq2seq {
 
 bool panel_gemm_supported(const at::Tensor& t) { return t.scalar_type() == at::kFloat && cpu_has_avx512(); }
 
-at::Tensor pack_gate_panels(const at::Tensor& w) {
-  const int64_t H = w.size(0) / 4, K = w.size(1), P = (H + 15) / 16;
+namespace {
+
+// Panels [P, K, 64] of a transposed weight: lane l of panel p is row row_of(p, l) of w [rows, K], or zeros where
+// that is -1. Blocks of k keep the destination lines being filled in L1 (ATen's strided copy of the transposed or
+// permuted view takes several times longer).
+template <typename RowOf>
+at::Tensor pack_transposed_panels(const at::Tensor& w, int64_t P, RowOf row_of) {
+  const int64_t K = w.size(1);
   const at::Tensor src = w.contiguous();
   at::Tensor panels = at::empty({P, K, 64}, w.options());
   const float* pw = src.const_data_ptr<float>();
   float* out = panels.data_ptr<float>();
-  // A transpose: row q*H + j of w becomes lane 16q + j%16 of panel j/16. Blocks of k keep the destination lines
-  // being filled in L1 (ATen's strided copy of the permuted view takes several times longer).
   constexpr int64_t kBlock = 128;
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -29,14 +33,33 @@ at::Tensor pack_gate_panels(const at::Tensor& w) {
       for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
         const int64_t k1 = std::min(K, k0 + kBlock);
         for (int64_t lane = 0; lane < 64; ++lane) {
-          const int64_t j = 16 * p + lane % 16;
-          const float* row = pw + (lane / 16 * H + j) * K;
-          for (int64_t k = k0; k < k1; ++k) panel[k * 64 + lane] = j < H ? row[k] : 0.0f;
+          const int64_t r = row_of(p, lane);
+          const float* row = pw + r * K;
+          for (int64_t k = k0; k < k1; ++k) panel[k * 64 + lane] = r >= 0 ? row[k] : 0.0f;
         }
       }
     }
   });
   return panels;
+}
+
+}  // namespace
+
+at::Tensor pack_gate_panels(const at::Tensor& w) {
+  // Row q*H + j of w becomes lane 16q + j%16 of panel j/16.
+  const int64_t H = w.size(0) / 4;
+  return pack_transposed_panels(w, (H + 15) / 16, [H](int64_t p, int64_t lane) {
+    const int64_t j = 16 * p + lane % 16;
+    return j < H ? lane / 16 * H + j : -1;
+  });
+}
+
+at::Tensor pack_row_panels(const at::Tensor& w) {
+  const int64_t N = w.size(0);
+  return pack_transposed_panels(w, (N + 63) / 64, [N](int64_t p, int64_t lane) {
+    const int64_t n = 64 * p + lane;
+    return n < N ? n : -1;
+  });
 }
 
 PanelOutput gate_panel_output(int64_t panel, int64_t H) {
@@ -138,8 +161,11 @@ void panel_gemm(const float*, int64_t, int64_t, const float*, int64_t, float*, i
 void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor& panels, float* c, int64_t ldc,
                     PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias) {
   const int64_t P = panels.size(0), K = panels.size(1);
-  // Rows per tile: a multiple of the 6-row block whose slice of `a` stays in L2 beside the panel.
-  const int64_t tile_rows = std::max<int64_t>(6, (256 * 1024 / (4 * std::max<int64_t>(K, 1))) / 6 * 6);
+  // Rows per tile: at most what keeps a tile's slice of `a` in L2 beside the panel, split evenly in multiples of the
+  // 6-row block (64 rows as 60 + 4 left a slow 4-row tail to every panel).
+  const int64_t max_tile_rows = std::max<int64_t>(6, 512 * 1024 / (4 * std::max<int64_t>(K, 1)));
+  const int64_t even_split = std::max<int64_t>(1, (rows + max_tile_rows - 1) / max_tile_rows);
+  const int64_t tile_rows = std::max<int64_t>(6, ((rows + even_split - 1) / even_split + 5) / 6 * 6);
   const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
   const float* pw = panels.const_data_ptr<float>();
   at::parallel_for(0, row_tiles * P, 1, [&](int64_t begin, int64_t end) {

@@ -27,6 +27,10 @@ bool panel_gemm_supported(const at::Tensor& t);
 at::Tensor pack_gate_panels(const at::Tensor& w);
 PanelOutput gate_panel_output(int64_t panel, int64_t H);
 
+// The panels of w^T [K, N] for a linear layer's weight w [N, K] (x @ w^T): [ceil(N/64), K, 64]; panel p holds rows
+// 64p..64p+63 of w, landing at column_panel_output(p, N).
+at::Tensor pack_row_panels(const at::Tensor& w);
+
 // The panels of w [K, N] as it is (backward: grad_gates @ w_hh): [ceil(N/64), K, 64]; panel p holds columns
 // 64p..64p+63, landing at column_panel_output(p, N).
 at::Tensor pack_column_panels(const at::Tensor& w);

@@ -125,3 +125,23 @@ def test_reference_matches_torch_lstm_cell():
     for o, r in zip(lstm_cell_reference(x, (h, c), cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh),
                     cell(x, (h, c))):
         torch.testing.assert_close(o, r)
+
+
+@pytest.mark.skipif("cpu" not in fastseq2seq.available_backends("cpu"), reason="the cpu backend is not built")
+@pytest.mark.parametrize("B,I,H", SHAPES + [(64, 96, 200)])
+def test_cpu_forward_in_constant_weights_scope(B, I, H):
+    """Inside constant_weights() the cpu forward multiplies by gate weights packed once (AVX-512 panels): every
+    call of the scope, including those after an in-place change of a weight, must match the reference."""
+    args = make_inputs(B, I, H, torch.float32, "cpu")
+    with fastseq2seq.ops.constant_weights():
+        for call in range(3):
+            if call == 2:
+                with torch.no_grad():
+                    args[4].mul_(-0.5)  # w_hh changed in place: its version counter moves, the scope repacks it
+            outs, grads = forward_backward(args, "cpu")
+            ref_outs, ref_grads = forward_backward([a.double() for a in args], "reference")
+            for name, out, ref in zip(("h", "c"), outs, ref_outs):
+                assert_close(out, ref, torch.float32, "cpu", f"call {call}: {name}")
+            for name, grad, ref in zip(NAMES, grads, ref_grads):
+                assert_close(grad, ref, torch.float32, "cpu", f"call {call}: grad {name}",
+                             scale=1.0 if name in ("input", "h", "c") else B ** 0.5)

@@ -1,6 +1,7 @@
 """Greedy and beam-search decoding for Seq2Seq, batched, with no host synchronization per step.
 
-Each decoder is a step function over a carry of device tensors, the step index included, so a step has fixed
+Both run inside `constant_weights()`: the weights cannot change during a decode, so on the cpu backend every step
+multiplies by weights packed once. Each decoder is a step function over a carry of device tensors, the step index included, so a step has fixed
 shapes and takes no decision on the host: the loop runs it eagerly, or on a GPU with `cuda_graph=True` captures
 GPU_STOP_CHECK_EVERY steps once in a CUDA graph and replays that. The only reads back to the host are the "is
 everything finished?" checks, every step on the CPU (free there) and every GPU_STOP_CHECK_EVERY steps on a GPU,
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
+
+from fastseq2seq.ops import constant_weights
 
 GPU_STOP_CHECK_EVERY = 8
 
@@ -83,13 +86,14 @@ class _Greedy(NamedTuple):
 def _greedy_step(model, memory, tokens, attention, carry: _Greedy) -> _Greedy:
     """One greedy step; writes column t of tokens [B, L] and attention [B, L, S] in place."""
     vector, state, weights = model.decode_step(carry.y, carry.state, memory, return_weights=True)
-    y = model.output(vector).argmax(-1).masked_fill(carry.finished, model.pad_id)
+    y = model.logits(vector).argmax(-1).masked_fill(carry.finished, model.pad_id)
     tokens.index_copy_(1, carry.t, y.unsqueeze(1).to(tokens.dtype))
     attention.index_copy_(1, carry.t, weights.masked_fill(carry.finished.unsqueeze(1), 0.0).unsqueeze(1))
     return _Greedy(y, state, carry.finished | (y == model.eos_id), carry.t + 1)
 
 
 @torch.no_grad()
+@constant_weights()
 def greedy(model, src, src_lengths, max_len=None, cuda_graph=False):
     """-> (tokens [B, L], lengths [B], attention [B, L, S]).
 
@@ -129,7 +133,7 @@ def _beam_step(model, memory, length_penalty, carry: _Beams) -> _Beams:
     B, K, max_len = carry.alive_tokens.shape
     N = carry.done_scores.shape[1]
     vector, state, _ = model.decode_step(carry.y, carry.state, memory)
-    log_probs = F.log_softmax(model.output(vector).to(carry.alive_scores.dtype), dim=-1).view(B, K, -1)
+    log_probs = F.log_softmax(model.logits(vector).to(carry.alive_scores.dtype), dim=-1).view(B, K, -1)
     V = log_probs.shape[2]
     top_scores, top_index = (carry.alive_scores.unsqueeze(2) + log_probs).view(B, K * V).topk(K, dim=1)
     beam, token = top_index // V, top_index % V
@@ -150,6 +154,7 @@ def _beam_step(model, memory, length_penalty, carry: _Beams) -> _Beams:
 
 
 @torch.no_grad()
+@constant_weights()
 def beam_search(model, src, src_lengths, beam_size=5, length_penalty=1.0, max_len=None, n_best=1, cuda_graph=False):
     """-> (tokens [B, n_best, L], lengths [B, n_best], scores [B, n_best]), best first per sentence.
 

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastseq2seq.models import decoding
 from fastseq2seq.nn import LSTM, Attention, LSTMCell, PrecomputedKeys
-from fastseq2seq.ops import lstm_layer
+from fastseq2seq.ops import constant_weights, linear, lstm_layer
 
 ATTENTION_KINDS = {"bahdanau": "additive", "luong-dot": "dot", "luong-general": "general"}
 
@@ -117,7 +117,7 @@ class Seq2Seq(torch.nn.Module):
         return self.attention(query, memory.keys, memory.values, mask=memory.mask, return_weights=return_weights)
 
     def _attentional_vector(self, context, top):
-        vector = torch.tanh(self.attn_combine(torch.cat([context, top], dim=-1)))
+        vector = torch.tanh(linear(torch.cat([context, top], dim=-1), self.attn_combine.weight))
         return F.dropout(vector, self.dropout, self.training)
 
     def decode_step(self, y_prev: Tensor, state: DecoderState, memory: EncoderMemory, return_weights=False):
@@ -154,6 +154,7 @@ class Seq2Seq(torch.nn.Module):
         context, _ = self._attend(top, memory, return_weights=False)
         return self._attentional_vector(context, top)
 
+    @constant_weights()  # no weight changes within a forward: each step's cell reuses the packed weights on CPU
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         memory, state = self.encode(src, src_lengths)
         if not self.bahdanau and not self.input_feeding:
@@ -164,7 +165,11 @@ class Seq2Seq(torch.nn.Module):
                 vector, state, _ = self.decode_step(tgt_in[:, t], state, memory)
                 steps.append(vector)
             vectors = torch.stack(steps, dim=1)
-        return self.output(vectors)
+        return self.logits(vectors)
+
+    def logits(self, vectors: Tensor) -> Tensor:
+        """The output layer over attentional vectors [..., A] -> [..., V]."""
+        return linear(vectors, self.output.weight, self.output.bias)
 
     # -- decoding (fastseq2seq/models/decoding.py) ---------------------------------------------------------------
 

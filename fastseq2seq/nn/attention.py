@@ -4,7 +4,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastseq2seq.ops import attention
+from fastseq2seq.ops import attention, linear
 
 
 class PrecomputedKeys(NamedTuple):
@@ -59,7 +59,8 @@ class Attention(torch.nn.Module):
     def forward(self, query, keys, values, mask=None, lengths=None, return_weights=True):
         keys = keys.keys if isinstance(keys, PrecomputedKeys) else self.precompute(keys).keys
         if self.kind == "additive":
-            return attention(self.query_proj(query), keys, values, mask=mask, lengths=lengths, score="additive",
+            query = linear(query, self.query_proj.weight, self.query_proj.bias)
+            return attention(query, keys, values, mask=mask, lengths=lengths, score="additive",
                              v=self.v, return_weights=return_weights)
         return attention(query, keys, values, mask=mask, lengths=lengths, score="dot", return_weights=return_weights)
 

@@ -1,0 +1,64 @@
+#include "weight_panels.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "panel_gemm.h"
+
+namespace fastseq2seq {
+namespace {
+
+// Weights a scope keeps packed; past this the least recently used is dropped (a weight made anew at every call,
+// which never hits, must not grow the cache without bound).
+constexpr size_t kMaxEntries = 16;
+
+struct Entry {
+  at::Tensor weight;  // held, so that its TensorImpl cannot be reused by another tensor while the entry lives
+  const void* data;
+  int64_t version;
+  PanelLayout layout;
+  at::Tensor panels;
+};
+
+// Per thread: the ops run on the thread that called them, and a scope belongs to the code that opened it.
+thread_local int scope_depth = 0;
+thread_local std::vector<Entry> entries;  // most recently used last
+
+void constant_weights_scope(bool enter) {
+  if (enter) {
+    ++scope_depth;
+    return;
+  }
+  TORCH_CHECK(scope_depth > 0, "fastseq2seq: constant_weights_scope(False) without a matching enter");
+  if (--scope_depth == 0) entries.clear();
+}
+
+}  // namespace
+
+std::optional<at::Tensor> scoped_weight_panels(const at::Tensor& w, PanelLayout layout) {
+  if (scope_depth == 0 || !w.device().is_cpu() || w.is_inference() || !panel_gemm_supported(w)) return std::nullopt;
+  for (auto it = entries.begin(); it != entries.end(); ++it) {
+    if (it->weight.unsafeGetTensorImpl() != w.unsafeGetTensorImpl() || it->layout != layout) continue;
+    if (it->data == w.const_data_ptr() && it->version == w._version() && it->weight.sizes() == w.sizes() &&
+        it->weight.strides() == w.strides()) {
+      std::rotate(it, it + 1, entries.end());
+      return entries.back().panels;
+    }
+    entries.erase(it);  // changed in place since it was packed
+    break;
+  }
+  if (entries.size() == kMaxEntries) entries.erase(entries.begin());
+  at::Tensor panels = layout == PanelLayout::kGates ? pack_gate_panels(w) : pack_row_panels(w);
+  entries.push_back({w, w.const_data_ptr(), w._version(), layout, panels});
+  return panels;
+}
+
+TORCH_LIBRARY_FRAGMENT(fastseq2seq, m) {
+  // Enter (true) or leave (false) a constant-weights scope of the calling thread; the packed weights of a scope are
+  // freed when its outermost level is left.
+  m.def("constant_weights_scope(bool enter) -> ()", &constant_weights_scope);
+}
+
+}  // namespace fastseq2seq
