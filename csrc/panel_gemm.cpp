@@ -100,8 +100,9 @@ namespace {
 
 // R rows x 64 columns: 4R accumulators, 4 panel vectors and a broadcast fit AVX-512's 32 registers for R <= 6.
 template <int R>
-FS2S_TARGET_AVX512 void panel_gemm_block(const float* a, int64_t lda, const float* panel, int64_t K, float* c,
-                                         int64_t ldc, const PanelOutput& out, bool accumulate, const float* bias) {
+FS2S_TARGET_AVX512 void panel_gemm_block(const float* a, int64_t lda, int64_t a_col_stride, const float* panel,
+                                         int64_t K, float* c, int64_t ldc, const PanelOutput& out, bool accumulate,
+                                         const float* bias) {
   __m512 acc[R][4];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
@@ -112,7 +113,7 @@ FS2S_TARGET_AVX512 void panel_gemm_block(const float* a, int64_t lda, const floa
                  w3 = _mm512_loadu_ps(w + 48);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 x = _mm512_set1_ps(a[r * lda + k * a_col_stride]);
       acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
       acc[r][2] = _mm512_fmadd_ps(x, w2, acc[r][2]);
@@ -135,31 +136,32 @@ FS2S_TARGET_AVX512 void panel_gemm_block(const float* a, int64_t lda, const floa
 }  // namespace
 
 void panel_gemm(const float* a, int64_t lda, int64_t rows, const float* panel, int64_t K, float* c, int64_t ldc,
-                const PanelOutput& out, bool accumulate, const float* bias) {
+                const PanelOutput& out, bool accumulate, const float* bias, int64_t a_col_stride) {
   constexpr int64_t kBlock = 6;
   int64_t r = 0;
   for (; r + kBlock <= rows; r += kBlock)
-    panel_gemm_block<kBlock>(a + r * lda, lda, panel, K, c + r * ldc, ldc, out, accumulate, bias);
+    panel_gemm_block<kBlock>(a + r * lda, lda, a_col_stride, panel, K, c + r * ldc, ldc, out, accumulate, bias);
   const float* a_tail = a + r * lda;
   float* c_tail = c + r * ldc;
   switch (rows - r) {
-    case 5: return panel_gemm_block<5>(a_tail, lda, panel, K, c_tail, ldc, out, accumulate, bias);
-    case 4: return panel_gemm_block<4>(a_tail, lda, panel, K, c_tail, ldc, out, accumulate, bias);
-    case 3: return panel_gemm_block<3>(a_tail, lda, panel, K, c_tail, ldc, out, accumulate, bias);
-    case 2: return panel_gemm_block<2>(a_tail, lda, panel, K, c_tail, ldc, out, accumulate, bias);
-    case 1: return panel_gemm_block<1>(a_tail, lda, panel, K, c_tail, ldc, out, accumulate, bias);
+    case 5: return panel_gemm_block<5>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
+    case 4: return panel_gemm_block<4>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
+    case 3: return panel_gemm_block<3>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
+    case 2: return panel_gemm_block<2>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
+    case 1: return panel_gemm_block<1>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
     default: return;
   }
 }
 #else
 void panel_gemm(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, const PanelOutput&, bool,
-                const float*) {
+                const float*, int64_t) {
   TORCH_CHECK(false, "panel_gemm needs an x86-64 CPU with AVX-512");
 }
 #endif
 
 void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor& panels, float* c, int64_t ldc,
-                    PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias) {
+                    PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias,
+                    int64_t a_col_stride) {
   const int64_t P = panels.size(0), K = panels.size(1);
   // Rows per tile: at most what keeps a tile's slice of `a` in L2 beside the panel, split evenly in multiples of the
   // 6-row block (64 rows as 60 + 4 left a slow 4-row tail to every panel).
@@ -172,7 +174,7 @@ void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor&
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile / P * tile_rows, p = tile % P;
       panel_gemm(a + r0 * lda, lda, std::min(tile_rows, rows - r0), pw + p * K * 64, K, c + r0 * ldc, ldc,
-                 output(p, N), accumulate, bias);
+                 output(p, N), accumulate, bias, a_col_stride);
     }
   });
 }

@@ -36,14 +36,16 @@ at::Tensor pack_row_panels(const at::Tensor& w);
 at::Tensor pack_column_panels(const at::Tensor& w);
 PanelOutput column_panel_output(int64_t panel, int64_t N);
 
-// c[r, out] = a[r, :K] @ panel (+ c[r, out] if accumulate) (+ bias[out] if bias) for r < rows; a and c row-major
-// with leading dimensions lda and ldc, bias laid out like a row of c.
+// c[r, out] = a[r, :K] @ panel (+ c[r, out] if accumulate) (+ bias[out] if bias) for r < rows; a[r, k] at
+// a[r * lda + k * a_col_stride] (a_col_stride > 1: a transposed operand such as grad_gates^T), c row-major with
+// leading dimension ldc, bias laid out like a row of c.
 void panel_gemm(const float* a, int64_t lda, int64_t rows, const float* panel, int64_t K, float* c, int64_t ldc,
-                const PanelOutput& out, bool accumulate, const float* bias = nullptr);
+                const PanelOutput& out, bool accumulate, const float* bias = nullptr, int64_t a_col_stride = 1);
 
 // The same over all rows and all panels [P, K, 64] of one packed weight, in parallel over tiles of rows x panels
 // (each tile's rows and panel fit in a core's L2); output(p, N) places panel p.
 void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor& panels, float* c, int64_t ldc,
-                    PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias = nullptr);
+                    PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias = nullptr,
+                    int64_t a_col_stride = 1);
 
 }  // namespace fastseq2seq

@@ -50,7 +50,9 @@ std::optional<at::Tensor> scoped_weight_panels(const at::Tensor& w, PanelLayout 
     break;
   }
   if (entries.size() == kMaxEntries) entries.erase(entries.begin());
-  at::Tensor panels = layout == PanelLayout::kGates ? pack_gate_panels(w) : pack_row_panels(w);
+  at::Tensor panels = layout == PanelLayout::kGates    ? pack_gate_panels(w)
+                      : layout == PanelLayout::kLinear ? pack_row_panels(w)
+                                                       : pack_column_panels(w);
   entries.push_back({w, w.const_data_ptr(), w._version(), layout, panels});
   return panels;
 }

@@ -13,6 +13,7 @@ namespace fastseq2seq {
 enum class PanelLayout {
   kGates,    // pack_gate_panels(w): w [4H, K] an LSTM gate weight; results at gate_panel_output
   kLinear,   // pack_row_panels(w): w [N, K] a linear layer's weight; results at column_panel_output
+  kColumns,  // pack_column_panels(w): w [K, N] as it is (grad_gates @ w_ih); results at column_panel_output
 };
 
 // The panels of w in `layout` when they can be reused: inside a constant-weights scope, for a CPU fp32 weight with a

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from fastseq2seq import checkpoint
 from fastseq2seq.config import Config, Interrupted, UsageError
 from fastseq2seq.data import PAD_ID, BucketedBatches, Vocabulary, read_parallel
+from fastseq2seq.ops import constant_weights
 from fastseq2seq.translate import pick_device, scores, translate_sentences
 
 LOG_COLUMNS = ("step", "epoch", "lr", "train_loss", "tokens_per_s", "valid_loss", "bleu", "chrf", "exact_match",
@@ -217,14 +218,16 @@ class Trainer:
 
         self.model.train()
         batch = self.batches.next_batch().to(self.device)
-        with _autocast(self.device, self.config):
-            logits = self.wrapped(batch.src, batch.src_lengths, batch.tgt_in)
-        mean_loss, tokens = sequence_loss(logits.float(), batch.tgt_out, pad_id=PAD_ID,
-                                          label_smoothing=self.config.label_smoothing)
-        # The global batch's mean loss; DDP averages gradients over the ranks, hence the world size.
-        loss = mean_loss * (tokens * self.world / batch.tokens)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # The weights change only at optimizer.step(): forward and backward reuse each packed weight (CPU).
+        with constant_weights():
+            with _autocast(self.device, self.config):
+                logits = self.wrapped(batch.src, batch.src_lengths, batch.tgt_in)
+            mean_loss, tokens = sequence_loss(logits.float(), batch.tgt_out, pad_id=PAD_ID,
+                                              label_smoothing=self.config.label_smoothing)
+            # The global batch's mean loss; DDP averages gradients over the ranks, hence the world size.
+            loss = mean_loss * (tokens * self.world / batch.tokens)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if self.config.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
         self.optimizer.step()
