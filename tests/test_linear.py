@@ -6,7 +6,7 @@ import torch
 from conftest import assert_close
 
 import fastseq2seq
-from fastseq2seq.ops import constant_weights, linear, linear_reference
+from fastseq2seq.ops import constant_weights, linear, linear_argmax, linear_argmax_reference, linear_reference
 
 HAS_CPU_BACKEND = "cpu" in fastseq2seq.available_backends("cpu")
 needs_cpu_backend = pytest.mark.skipif(not HAS_CPU_BACKEND, reason="the cpu backend is not built")
@@ -90,3 +90,46 @@ def test_opcheck_and_unbalanced_scope():
     torch.library.opcheck(torch.ops.fastseq2seq.linear.default, make_inputs(5, 17, 63))
     with pytest.raises(RuntimeError, match="without a matching enter"):
         torch.ops.fastseq2seq.constant_weights_scope(False)
+
+
+@pytest.mark.parametrize("backend", fastseq2seq.available_backends("cpu"))
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("scoped", [False, True], ids=["unscoped", "scoped"])
+def test_linear_argmax_matches_reference(backend, M, K, N, scoped):
+    """Exact indices: the logits differ from the float64 ones only by rounding, so compare with torch's argmax of
+    our own float32 logits, then check that the pick is a maximum of the float64 logits up to that rounding."""
+    x, w, b = make_inputs(M, K, N)
+    with torch.no_grad(), (constant_weights() if scoped else contextlib.nullcontext()):
+        index = linear_argmax(x, w, b, backend=backend)
+        logits = linear(x, w, b, backend=backend)
+    assert index.dtype == torch.long and index.shape == (M,)
+    assert torch.equal(index, logits.argmax(-1))
+    exact_logits = linear_reference(x.double(), w.double(), b.double())
+    picked = exact_logits.gather(1, index[:, None]).squeeze(1)
+    assert (exact_logits.amax(-1) - picked <= 1e-4 * K ** 0.5).all()
+    assert torch.equal(linear_argmax_reference(x, w, b), torch.nn.functional.linear(x, w, b).argmax(-1))
+
+
+@needs_cpu_backend
+def test_linear_argmax_ties_nan_and_infinity_follow_torch():
+    """Logits set through the bias (zero input and weight): ties go to the first index, a NaN wins (its first
+    occurrence), a row of -inf picks index 0; columns past the last multiple of 16 are searched too."""
+    N = 37
+    rows = torch.full((5, N), -1.0)
+    rows[0, [3, 20, 36]] = 2.0              # a three-way tie
+    rows[1, [5, 30]] = float("nan")         # NaN wins, first one
+    rows[2] = float("-inf")
+    rows[3, 35] = 1.0                       # in the tail after the last 16-column chunk
+    rows[4, [33, 34]] = float("inf")
+    x, w = torch.zeros(2, 3), torch.zeros(N, 3)
+    with torch.no_grad(), constant_weights():
+        got = [linear_argmax(x, w, row, backend="cpu").tolist() for row in rows]
+    assert got == [[i, i] for i in rows.argmax(-1).tolist()] == [[i, i] for i in (3, 5, 0, 35, 33)]
+
+
+@needs_cpu_backend
+def test_linear_argmax_rejects_an_empty_output_and_passes_opcheck():
+    x, w, _ = make_inputs(4, 6, 5)
+    with torch.no_grad(), pytest.raises(ValueError, match="argument 'weight'"):
+        linear_argmax(x, w[:0], None, backend="cpu")
+    torch.library.opcheck(torch.ops.fastseq2seq.linear_argmax.default, make_inputs(5, 17, 63))

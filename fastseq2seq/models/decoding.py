@@ -86,7 +86,7 @@ class _Greedy(NamedTuple):
 def _greedy_step(model, memory, tokens, attention, carry: _Greedy) -> _Greedy:
     """One greedy step; writes column t of tokens [B, L] and attention [B, L, S] in place."""
     vector, state, weights = model.decode_step(carry.y, carry.state, memory, return_weights=True)
-    y = model.logits(vector).argmax(-1).masked_fill(carry.finished, model.pad_id)
+    y = model.greedy_tokens(vector).masked_fill(carry.finished, model.pad_id)
     tokens.index_copy_(1, carry.t, y.unsqueeze(1).to(tokens.dtype))
     attention.index_copy_(1, carry.t, weights.masked_fill(carry.finished.unsqueeze(1), 0.0).unsqueeze(1))
     return _Greedy(y, state, carry.finished | (y == model.eos_id), carry.t + 1)

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastseq2seq.models import decoding
 from fastseq2seq.nn import LSTM, Attention, LSTMCell, PrecomputedKeys
-from fastseq2seq.ops import constant_weights, linear, lstm_layer
+from fastseq2seq.ops import constant_weights, linear, linear_argmax, lstm_layer
 
 ATTENTION_KINDS = {"bahdanau": "additive", "luong-dot": "dot", "luong-general": "general"}
 
@@ -170,6 +170,10 @@ class Seq2Seq(torch.nn.Module):
     def logits(self, vectors: Tensor) -> Tensor:
         """The output layer over attentional vectors [..., A] -> [..., V]."""
         return linear(vectors, self.output.weight, self.output.bias)
+
+    def greedy_tokens(self, vectors: Tensor) -> Tensor:
+        """The most likely token under the output layer, [..., A] -> int64 [...], without returning the logits."""
+        return linear_argmax(vectors, self.output.weight, self.output.bias)
 
     # -- decoding (fastseq2seq/models/decoding.py) ---------------------------------------------------------------
 
