@@ -1,6 +1,6 @@
-// fastseq2seq::linear, CPU: input [..., K] @ weight[N, K]^T (+ bias [N]), torch.nn.functional.linear's math. Inside
-// a constant-weights scope one panel GEMM over the weight packed once for the scope (weight_panels.h): a decoder
-// step's products, which MKL's sgemm would repack at every step; elsewhere at::linear.
+// fastseq2seq::linear, CPU: input [..., K] @ weight[N, K]^T (+ bias [N]), torch.nn.functional.linear's math, and its
+// backward. Inside a constant-weights scope one panel GEMM over the weight packed once for the scope
+// (weight_panels.h): a decoder step's products, which MKL's sgemm would repack at every step; elsewhere at::linear.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -114,16 +114,42 @@ at::Tensor linear_argmax_cpu(const at::Tensor& input, const at::Tensor& weight,
 #endif
 }
 
+// Returns (grad_input, grad_weight, grad_bias); grad_bias is empty without a bias. On AVX-512 in fp32: grad_input
+// over the weight's panels packed once per constant-weights scope, grad_weight as grad^T @ x on panels of x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                              const at::Tensor& weight, bool has_bias) {
+  check_linear_args(input, weight, std::nullopt);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const at::Tensor g = grad_output.reshape({-1, N}).contiguous(), x = input.reshape({-1, K}).contiguous();
+  FS2S_CHECK_ARG(g.size(0) == x.size(0), "grad_output", "shape ", grad_output.sizes(), " does not match the output of ",
+                 "input ", input.sizes(), " and weight ", weight.sizes());
+  const int64_t M = x.size(0);
+  const auto panels = scoped_weight_panels(weight, PanelLayout::kColumns);
+  at::Tensor grad_input;
+  if (panels) {
+    grad_input = at::empty({M, K}, input.options());
+    panel_gemm_all(g.const_data_ptr<float>(), N, M, *panels, grad_input.data_ptr<float>(), K, column_panel_output, K,
+                   /*accumulate=*/false);
+  } else {
+    grad_input = g.mm(weight);
+  }
+  const bool panel_weight_grad = panel_gemm_supported(x) && M <= kMaxPanelDepth;
+  at::Tensor grad_weight = panel_weight_grad ? transposed_product(g, x) : g.t().mm(x);
+  return {grad_input.view(input.sizes()), grad_weight, has_bias ? g.sum(0) : at::empty({0}, input.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastseq2seq, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_bwd(Tensor grad_output, Tensor input, Tensor weight, bool has_bias) -> (Tensor, Tensor, Tensor)");
   // argmax(linear(input, weight, bias), -1) without returning the logits: a greedy decoder's output layer.
   m.def("linear_argmax(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastseq2seq, CPU, m) {
   m.impl("linear", &linear_cpu);
+  m.impl("linear_bwd", &linear_bwd_cpu);
   m.impl("linear_argmax", &linear_argmax_cpu);
 }
 

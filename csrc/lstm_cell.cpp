@@ -53,17 +53,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(
   return {h, c, gates};
 }
 
-// grad_gates^T [4H, B] @ x [B, K] -> [4H, K] (fp32, AVX-512): x's columns packed into panels, grad_gates read
-// transposed in place.
-at::Tensor weight_gradient(const at::Tensor& grad_gates, const at::Tensor& x) {
-  const int64_t rows = grad_gates.size(1), K = x.size(1);
-  const at::Tensor panels = pack_column_panels(x);
-  at::Tensor grad = at::empty({rows, K}, x.options());
-  panel_gemm_all(grad_gates.const_data_ptr<float>(), 1, rows, panels, grad.data_ptr<float>(), K, column_panel_output,
-                 K, /*accumulate=*/false, nullptr, /*a_col_stride=*/rows);
-  return grad;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_bwd_cpu(
     const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& input, const at::Tensor& hx,
     const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& gates,
@@ -90,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           pgcx + b * H, H, H);
     });
   });
-  if (!panel_gemm_supported(input))
+  if (!panel_gemm_supported(input) || B > kMaxPanelDepth)
     return {grad_gates.mm(w_ih), grad_gates.mm(w_hh), grad_cx, grad_gates.t().mm(input), grad_gates.t().mm(hx),
             grad_gates.sum(0)};
   // AVX-512 fp32: dx and dh over weights packed once per constant-weights scope (else MKL), dW_ih and dW_hh as
@@ -110,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_input = grad_gates.mm(w_ih);
     grad_hx = grad_gates.mm(w_hh);
   }
-  return {grad_input, grad_hx, grad_cx, weight_gradient(grad_gates, input), weight_gradient(grad_gates, hx),
+  return {grad_input, grad_hx, grad_cx, transposed_product(grad_gates, input.contiguous()),
+          transposed_product(grad_gates, hx.contiguous()),
           grad_gates.sum(0)};
 }
 

@@ -21,6 +21,10 @@ struct PanelOutput {
 // fp32 on a CPU with AVX-512.
 bool panel_gemm_supported(const at::Tensor& t);
 
+// The deepest product the panels serve well: a panel [K, 64] stays in L2 while a tile's rows stream over it (the
+// kernel does not block K); deeper products are left to MKL.
+constexpr int64_t kMaxPanelDepth = 2048;
+
 // The panels of w^T [K, 4H] for a gate weight w [4H, K] (forward: x @ w_ih^T, h_{t-1} @ w_hh^T) with the columns
 // reordered so that panel p holds the four gates of hidden units 16p..16p+15: [ceil(H/16), K, 64]. Its results land
 // in a gates row (stride 4H) at gate_panel_output(p, H).
@@ -47,5 +51,9 @@ void panel_gemm(const float* a, int64_t lda, int64_t rows, const float* panel, i
 void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor& panels, float* c, int64_t ldc,
                     PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias = nullptr,
                     int64_t a_col_stride = 1);
+
+// a^T @ b for a [K, M] and b [K, N] (fp32, contiguous, K <= kMaxPanelDepth): b's columns packed into panels
+// here, a read transposed in place. A weight's gradient, grad^T @ x, for a batch of rows.
+at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace fastseq2seq

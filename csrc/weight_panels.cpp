@@ -39,6 +39,7 @@ void constant_weights_scope(bool enter) {
 
 std::optional<at::Tensor> scoped_weight_panels(const at::Tensor& w, PanelLayout layout) {
   if (scope_depth == 0 || !w.device().is_cpu() || w.is_inference() || !panel_gemm_supported(w)) return std::nullopt;
+  if (w.dim() != 2 || w.size(layout == PanelLayout::kColumns ? 0 : 1) > kMaxPanelDepth) return std::nullopt;
   for (auto it = entries.begin(); it != entries.end(); ++it) {
     if (it->weight.unsafeGetTensorImpl() != w.unsafeGetTensorImpl() || it->layout != layout) continue;
     if (it->data == w.const_data_ptr() && it->version == w._version() && it->weight.sizes() == w.sizes() &&

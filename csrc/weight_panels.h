@@ -17,8 +17,9 @@ enum class PanelLayout {
 };
 
 // The panels of w in `layout` when they can be reused: inside a constant-weights scope, for a CPU fp32 weight with a
-// version counter (not an inference tensor) on a CPU with AVX-512. Kept for the rest of the scope, keyed by the
-// tensor, its data pointer, shape, strides and version, so an in-place change made inside the scope repacks.
+// version counter (not an inference tensor) on a CPU with AVX-512, of product depth at most kMaxPanelDepth. Kept
+// for the rest of the scope, keyed by the tensor, its data pointer, shape, strides and version, so an in-place
+// change made inside the scope repacks.
 // nullopt otherwise: the caller takes its usual path.
 std::optional<at::Tensor> scoped_weight_panels(const at::Tensor& w, PanelLayout layout);
 

@@ -61,16 +61,31 @@ def test_scope_repacks_a_weight_changed_in_place_and_survives_many_weights():
                              torch.float32, "cpu", scale=48 ** 0.5)
 
 
-@needs_cpu_backend
-def test_with_autograd_gradients_flow():
-    x, w, b = make_inputs(5, 17, 63)
+@pytest.mark.parametrize("backend", fastseq2seq.available_backends("cpu"))
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("scoped", [False, True], ids=["unscoped", "scoped"])
+def test_gradients_match_reference(backend, M, K, N, scoped):
+    x, w, b = make_inputs(M, K, N)
+    g = torch.randn(M, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     args = [t.clone().requires_grad_() for t in (x, w, b)]
-    with constant_weights():
-        linear(*args, backend="cpu").square().sum().backward()
+    with constant_weights() if scoped else contextlib.nullcontext():
+        for call in range(2):  # in a scope the second backward reuses the packed weight
+            for t in args:
+                t.grad = None
+            linear(*args, backend=backend).backward(g.float())
     ref = [t.double().requires_grad_() for t in (x, w, b)]
-    linear_reference(*ref).square().sum().backward()
-    for name, got, want in zip(("input", "weight", "bias"), args, ref):
-        assert_close(got.grad, want.grad, torch.float32, "cpu", f"grad {name}", scale=17 ** 0.5)
+    linear_reference(*ref).backward(g)
+    for name, got, want, scale in zip(("input", "weight", "bias"), args, ref, (N, M, M)):
+        assert_close(got.grad, want.grad, torch.float32, "cpu", f"grad {name}", scale=scale ** 0.5)
+
+
+@needs_cpu_backend
+def test_gradcheck_float64_and_opcheck_with_autograd():
+    x, w, b = (t.double().requires_grad_() for t in make_inputs(4, 6, 5))
+    assert torch.autograd.gradcheck(lambda *a: linear(*a, backend="cpu"), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: linear(*a, backend="cpu"), (x, w))
+    torch.library.opcheck(torch.ops.fastseq2seq.linear.default,
+                          tuple(t.requires_grad_() for t in make_inputs(5, 17, 63)))
 
 
 @needs_cpu_backend
