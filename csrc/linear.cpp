@@ -84,7 +84,8 @@ FS2S_TARGET_AVX512 int64_t row_argmax_avx512(const float* x, int64_t n) {
   const __m512 target = _mm512_set1_ps(top);
   for (j = 0; j + 16 <= n; j += 16) {
     const __m512 v = _mm512_loadu_ps(x + j);
-    const __mmask16 hit = find_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+    const __mmask16 hit =
+        find_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
     if (hit) return j + __builtin_ctz(hit);
   }
   for (; j < n; ++j)
@@ -120,9 +121,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
                                                               const at::Tensor& weight, bool has_bias) {
   check_linear_args(input, weight, std::nullopt);
   const int64_t N = weight.size(0), K = weight.size(1);
+  auto output_shape = leading_shape(input);
+  output_shape.push_back(N);
+  check_shape(grad_output, "grad_output", output_shape);
+  check_like(grad_output, "grad_output", input, "input");
   const at::Tensor g = grad_output.reshape({-1, N}).contiguous(), x = input.reshape({-1, K}).contiguous();
-  FS2S_CHECK_ARG(g.size(0) == x.size(0), "grad_output", "shape ", grad_output.sizes(), " does not match the output of ",
-                 "input ", input.sizes(), " and weight ", weight.sizes());
   const int64_t M = x.size(0);
   const auto panels = scoped_weight_panels(weight, PanelLayout::kColumns);
   at::Tensor grad_input;

@@ -14,12 +14,20 @@ namespace {
 // which never hits, must not grow the cache without bound).
 constexpr size_t kMaxEntries = 16;
 
+// What a weight was when packed: the same tensor may since have been changed in place (version), pointed at other
+// data or given another shape (set_, resize_).
 struct Entry {
   at::Tensor weight;  // held, so that its TensorImpl cannot be reused by another tensor while the entry lives
   const void* data;
   int64_t version;
+  std::vector<int64_t> sizes, strides;
   PanelLayout layout;
   at::Tensor panels;
+
+  bool still_matches(const at::Tensor& w) const {
+    return data == w.const_data_ptr() && version == w._version() && w.sizes() == at::IntArrayRef(sizes) &&
+           w.strides() == at::IntArrayRef(strides);
+  }
 };
 
 // Per thread: the ops run on the thread that called them, and a scope belongs to the code that opened it.
@@ -42,19 +50,18 @@ std::optional<at::Tensor> scoped_weight_panels(const at::Tensor& w, PanelLayout 
   if (w.dim() != 2 || w.size(layout == PanelLayout::kColumns ? 0 : 1) > kMaxPanelDepth) return std::nullopt;
   for (auto it = entries.begin(); it != entries.end(); ++it) {
     if (it->weight.unsafeGetTensorImpl() != w.unsafeGetTensorImpl() || it->layout != layout) continue;
-    if (it->data == w.const_data_ptr() && it->version == w._version() && it->weight.sizes() == w.sizes() &&
-        it->weight.strides() == w.strides()) {
+    if (it->still_matches(w)) {
       std::rotate(it, it + 1, entries.end());
       return entries.back().panels;
     }
-    entries.erase(it);  // changed in place since it was packed
+    entries.erase(it);
     break;
   }
   if (entries.size() == kMaxEntries) entries.erase(entries.begin());
   at::Tensor panels = layout == PanelLayout::kGates    ? pack_gate_panels(w)
                       : layout == PanelLayout::kLinear ? pack_row_panels(w)
                                                        : pack_column_panels(w);
-  entries.push_back({w, w.const_data_ptr(), w._version(), layout, panels});
+  entries.push_back({w, w.const_data_ptr(), w._version(), w.sizes().vec(), w.strides().vec(), layout, panels});
   return panels;
 }
 

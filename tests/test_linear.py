@@ -80,6 +80,25 @@ def test_gradients_match_reference(backend, M, K, N, scoped):
 
 
 @needs_cpu_backend
+def test_scope_repacks_a_weight_given_other_data_or_shape():
+    """set_ points a weight at other data (and another shape) without an in-place op on its values."""
+    x, w, _ = make_inputs(8, 48, 96)
+    other = make_inputs(8, 48, 64, seed=5)[1]
+    with torch.no_grad(), constant_weights():
+        linear(x, w, None, backend="cpu")
+        w.set_(other.clone())
+        assert_close(linear(x, w, None, backend="cpu"), linear_reference(x.double(), other.double()), torch.float32,
+                     "cpu", scale=48 ** 0.5)
+
+
+@needs_cpu_backend
+def test_backward_op_names_a_mismatched_grad_output():
+    x, w, _ = make_inputs(5, 17, 63)
+    with pytest.raises(ValueError, match="argument 'grad_output'"):
+        torch.ops.fastseq2seq.linear_bwd(torch.zeros(5, 62), x, w, False)
+
+
+@needs_cpu_backend
 def test_gradcheck_float64_and_opcheck_with_autograd():
     x, w, b = (t.double().requires_grad_() for t in make_inputs(4, 6, 5))
     assert torch.autograd.gradcheck(lambda *a: linear(*a, backend="cpu"), (x, w, b))

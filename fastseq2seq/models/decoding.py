@@ -1,11 +1,11 @@
 """Greedy and beam-search decoding for Seq2Seq, batched, with no host synchronization per step.
 
 Both run inside `constant_weights()`: the weights cannot change during a decode, so on the cpu backend every step
-multiplies by weights packed once. Each decoder is a step function over a carry of device tensors, the step index included, so a step has fixed
-shapes and takes no decision on the host: the loop runs it eagerly, or on a GPU with `cuda_graph=True` captures
-GPU_STOP_CHECK_EVERY steps once in a CUDA graph and replays that. The only reads back to the host are the "is
-everything finished?" checks, every step on the CPU (free there) and every GPU_STOP_CHECK_EVERY steps on a GPU,
-and the final trim of the output to its longest row.
+multiplies by weights packed once. Each decoder is a step function over a carry of device tensors, the step index
+included, so a step has fixed shapes and takes no decision on the host: the loop runs it eagerly, or on a GPU with
+`cuda_graph=True` captures GPU_STOP_CHECK_EVERY steps once in a CUDA graph and replays that. The only reads back to
+the host are the "is everything finished?" checks, every step on the CPU (free there) and every
+GPU_STOP_CHECK_EVERY steps on a GPU, and the final trim of the output to its longest row.
 """
 import functools
 import math

@@ -70,7 +70,8 @@ if _extension.loaded():
 
     @torch.library.register_fake("fastseq2seq::linear_bwd")
     def _linear_bwd_fake(grad_output, input, weight, has_bias):
-        return (torch.empty_like(input, memory_format=torch.contiguous_format), torch.empty_like(weight),
+        return (torch.empty_like(input, memory_format=torch.contiguous_format),
+                torch.empty_like(weight, memory_format=torch.contiguous_format),
                 weight.new_empty(weight.shape[0] if has_bias else 0))
 
     def _setup_context(ctx, inputs, output):
