@@ -126,18 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
   check_shape(grad_output, "grad_output", output_shape);
   check_like(grad_output, "grad_output", input, "input");
   const at::Tensor g = grad_output.reshape({-1, N}).contiguous(), x = input.reshape({-1, K}).contiguous();
-  const int64_t M = x.size(0);
-  const auto panels = scoped_weight_panels(weight, PanelLayout::kColumns);
-  at::Tensor grad_input;
-  if (panels) {
-    grad_input = at::empty({M, K}, input.options());
-    panel_gemm_all(g.const_data_ptr<float>(), N, M, *panels, grad_input.data_ptr<float>(), K, column_panel_output, K,
-                   /*accumulate=*/false);
-  } else {
-    grad_input = g.mm(weight);
-  }
-  const bool panel_weight_grad = panel_gemm_supported(x) && M <= kMaxPanelDepth;
-  at::Tensor grad_weight = panel_weight_grad ? transposed_product(g, x) : g.t().mm(x);
+  const at::Tensor grad_input = times_weight(g, weight), grad_weight = transposed_product(g, x);
   return {grad_input.view(input.sizes()), grad_weight, has_bias ? g.sum(0) : at::empty({0}, input.options())};
 }
 

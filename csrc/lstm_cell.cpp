@@ -79,29 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           pgcx + b * H, H, H);
     });
   });
-  if (!panel_gemm_supported(input) || B > kMaxPanelDepth)
-    return {grad_gates.mm(w_ih), grad_gates.mm(w_hh), grad_cx, grad_gates.t().mm(input), grad_gates.t().mm(hx),
-            grad_gates.sum(0)};
-  // AVX-512 fp32: dx and dh over weights packed once per constant-weights scope (else MKL), dW_ih and dW_hh as
-  // grad_gates^T @ x with x packed here (B rows: cheap), which beats MKL's sgemm for a batch of rows.
-  const auto cols_ih = scoped_weight_panels(w_ih, PanelLayout::kColumns);
-  const auto cols_hh = cols_ih ? scoped_weight_panels(w_hh, PanelLayout::kColumns) : std::nullopt;
-  at::Tensor grad_input, grad_hx;
-  const int64_t I = input.size(1);
-  if (cols_hh) {
-    grad_input = at::empty({B, I}, input.options());
-    grad_hx = at::empty({B, H}, input.options());
-    panel_gemm_all(grad_gates.const_data_ptr<float>(), 4 * H, B, *cols_ih, grad_input.data_ptr<float>(), I,
-                   column_panel_output, I, /*accumulate=*/false);
-    panel_gemm_all(grad_gates.const_data_ptr<float>(), 4 * H, B, *cols_hh, grad_hx.data_ptr<float>(), H,
-                   column_panel_output, H, /*accumulate=*/false);
-  } else {
-    grad_input = grad_gates.mm(w_ih);
-    grad_hx = grad_gates.mm(w_hh);
-  }
-  return {grad_input, grad_hx, grad_cx, transposed_product(grad_gates, input.contiguous()),
-          transposed_product(grad_gates, hx.contiguous()),
-          grad_gates.sum(0)};
+  // On AVX-512 in fp32: dx and dh over the weights packed once per constant-weights scope, dW_ih and dW_hh as
+  // grad_gates^T @ x on panels of x (B rows: cheap to pack), which beats MKL's sgemm for a batch of rows.
+  return {times_weight(grad_gates, w_ih), times_weight(grad_gates, w_hh), grad_cx,
+          transposed_product(grad_gates, input), transposed_product(grad_gates, hx), grad_gates.sum(0)};
 }
 
 }  // namespace

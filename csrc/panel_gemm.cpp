@@ -201,10 +201,12 @@ void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor&
 }
 
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t M = a.size(1), N = b.size(1);
+  if (!panel_gemm_supported(a) || a.size(0) > kMaxPanelDepth) return a.t().mm(b);
+  const at::Tensor ac = a.contiguous();
+  const int64_t M = ac.size(1), N = b.size(1);
   const at::Tensor panels = pack_column_panels(b);
   at::Tensor out = at::empty({M, N}, b.options());
-  panel_gemm_all(a.const_data_ptr<float>(), 1, M, panels, out.data_ptr<float>(), N, column_panel_output, N,
+  panel_gemm_all(ac.const_data_ptr<float>(), 1, M, panels, out.data_ptr<float>(), N, column_panel_output, N,
                  /*accumulate=*/false, nullptr, /*a_col_stride=*/M);
   return out;
 }

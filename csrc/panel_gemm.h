@@ -52,8 +52,8 @@ void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor&
                     PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias = nullptr,
                     int64_t a_col_stride = 1);
 
-// a^T @ b for a [K, M] and b [K, N] (fp32, contiguous, K <= kMaxPanelDepth): b's columns packed into panels
-// here, a read transposed in place. A weight's gradient, grad^T @ x, for a batch of rows.
+// a^T @ b for a [K, M] and b [K, N]: a weight's gradient, grad^T @ x, for a batch of rows. In fp32 on AVX-512
+// with K <= kMaxPanelDepth, b's columns packed into panels here and a read transposed in place; else at::mm.
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace fastseq2seq

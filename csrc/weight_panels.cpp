@@ -65,6 +65,17 @@ std::optional<at::Tensor> scoped_weight_panels(const at::Tensor& w, PanelLayout 
   return panels;
 }
 
+at::Tensor times_weight(const at::Tensor& a, const at::Tensor& w) {
+  const auto panels = scoped_weight_panels(w, PanelLayout::kColumns);
+  if (!panels) return a.mm(w);
+  const at::Tensor ac = a.contiguous();
+  const int64_t M = ac.size(0), N = w.size(1);
+  at::Tensor out = at::empty({M, N}, a.options());
+  panel_gemm_all(ac.const_data_ptr<float>(), ac.size(1), M, *panels, out.data_ptr<float>(), N, column_panel_output, N,
+                 /*accumulate=*/false);
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(fastseq2seq, m) {
   // Enter (true) or leave (false) a constant-weights scope of the calling thread; the packed weights of a scope are
   // freed when its outermost level is left.

@@ -23,4 +23,8 @@ enum class PanelLayout {
 // nullopt otherwise: the caller takes its usual path.
 std::optional<at::Tensor> scoped_weight_panels(const at::Tensor& w, PanelLayout layout);
 
+// a [M, K] @ w [K, N], the input gradient of a product with a weight: over w's panels when the scope has them
+// (layout kColumns), else at::mm.
+at::Tensor times_weight(const at::Tensor& a, const at::Tensor& w);
+
 }  // namespace fastseq2seq
