@@ -127,9 +127,9 @@ class _Beams(NamedTuple):
     t: Tensor  # [1] int64: the step index
 
 
-def _beam_step(model, memory, length_penalty, carry: _Beams) -> _Beams:
+def _beam_step(model, memory, length_penalty, first_row, carry: _Beams) -> _Beams:
     """One step of every sentence's beams: expand, keep the top K, move those ending (EOS, or the last step) to the
-    finished hypotheses."""
+    finished hypotheses. first_row [B, 1]: the row of each sentence's first beam."""
     B, K, max_len = carry.alive_tokens.shape
     N = carry.done_scores.shape[1]
     vector, state, _ = model.decode_step(carry.y, carry.state, memory)
@@ -147,7 +147,6 @@ def _beam_step(model, memory, length_penalty, carry: _Beams) -> _Beams:
     done_scores, pick = torch.cat([carry.done_scores, ending_scores], 1).topk(N, dim=1)
     done_tokens = torch.cat([carry.done_tokens, alive_tokens], 1).gather(1, pick.unsqueeze(2).expand(B, N, max_len))
     done_lengths = torch.cat([carry.done_lengths, length.to(carry.done_lengths.dtype).expand(B, K)], 1).gather(1, pick)
-    first_row = torch.arange(0, B * K, K, device=beam.device).unsqueeze(1)
     state = state.index_select((first_row + beam).view(-1))
     return _Beams(token.view(-1), state, top_scores.masked_fill(is_eos, -math.inf), alive_tokens, done_scores,
                   done_tokens, done_lengths, length)
@@ -192,7 +191,8 @@ def beam_search(model, src, src_lengths, beam_size=5, length_penalty=1.0, max_le
             done |= beams.done_scores[:, -1] >= best_alive / best_divisor
         return done.all()
 
-    step = functools.partial(_beam_step, model, memory, length_penalty)
+    first_row = torch.arange(0, B * K, K, device=device).unsqueeze(1)  # each sentence's beam 0 in the B * K rows
+    step = functools.partial(_beam_step, model, memory, length_penalty, first_row)
     beams = _run_steps(step, start, max_len, finished, cuda_graph)
     L = int(beams.done_lengths.max()) if B else 0
     return beams.done_tokens[:, :, :L], beams.done_lengths, beams.done_scores
