@@ -30,6 +30,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(
                    gate_panel_output, H, /*accumulate=*/false);
     panel_gemm_all(h_prev.const_data_ptr<float>(), H, B, *panels_hh, gates.data_ptr<float>(), 4 * H,
                    gate_panel_output, H, /*accumulate=*/true);
+  } else if (panel_gemm_supported(input) && reads_weight_in_place(B)) {
+    // Weights used once: gates^T = W_ih x^T + W_hh h^T, the weights read in place and x, h packed (B rows), where
+    // MKL would pack each whole weight.
+    at::Tensor gates_t = transposed_product(w_ih.t(), input.t());
+    transposed_product_out(w_hh.t(), hx.t(), gates_t, /*accumulate=*/true);
+    gates = gates_t.t().contiguous();
   } else {
     gates = at::mm(input, w_ih.t());
     gates.addmm_(hx, w_hh.t());

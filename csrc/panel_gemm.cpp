@@ -122,14 +122,14 @@ namespace {
 // R rows x 64 columns: 4R accumulators, 4 panel vectors and a broadcast fit AVX-512's 32 registers for R <= 6.
 template <int R>
 FS2S_TARGET_AVX512 void panel_gemm_block(const float* a, int64_t lda, int64_t a_col_stride, const float* panel,
-                                         int64_t K, float* c, int64_t ldc, const PanelOutput& out, bool accumulate,
-                                         const float* bias) {
+                                         int64_t panel_ld, int64_t K, float* c, int64_t ldc, const PanelOutput& out,
+                                         bool accumulate, const float* bias) {
   __m512 acc[R][4];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const float* w = panel + k * 64;
+    const float* w = panel + k * panel_ld;
     const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32),
                  w3 = _mm512_loadu_ps(w + 48);
 #pragma GCC unroll 6
@@ -157,58 +157,99 @@ FS2S_TARGET_AVX512 void panel_gemm_block(const float* a, int64_t lda, int64_t a_
 }  // namespace
 
 void panel_gemm(const float* a, int64_t lda, int64_t rows, const float* panel, int64_t K, float* c, int64_t ldc,
-                const PanelOutput& out, bool accumulate, const float* bias, int64_t a_col_stride) {
+                const PanelOutput& out, bool accumulate, const float* bias, int64_t a_col_stride, int64_t panel_ld) {
   constexpr int64_t kBlock = 6;
   int64_t r = 0;
   for (; r + kBlock <= rows; r += kBlock)
-    panel_gemm_block<kBlock>(a + r * lda, lda, a_col_stride, panel, K, c + r * ldc, ldc, out, accumulate, bias);
+    panel_gemm_block<kBlock>(a + r * lda, lda, a_col_stride, panel, panel_ld, K, c + r * ldc, ldc, out, accumulate,
+                             bias);
   const float* a_tail = a + r * lda;
   float* c_tail = c + r * ldc;
+  const auto block = [&](auto kernel) {
+    kernel(a_tail, lda, a_col_stride, panel, panel_ld, K, c_tail, ldc, out, accumulate, bias);
+  };
   switch (rows - r) {
-    case 5: return panel_gemm_block<5>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
-    case 4: return panel_gemm_block<4>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
-    case 3: return panel_gemm_block<3>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
-    case 2: return panel_gemm_block<2>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
-    case 1: return panel_gemm_block<1>(a_tail, lda, a_col_stride, panel, K, c_tail, ldc, out, accumulate, bias);
+    case 5: return block(panel_gemm_block<5>);
+    case 4: return block(panel_gemm_block<4>);
+    case 3: return block(panel_gemm_block<3>);
+    case 2: return block(panel_gemm_block<2>);
+    case 1: return block(panel_gemm_block<1>);
     default: return;
   }
 }
 #else
 void panel_gemm(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, const PanelOutput&, bool,
-                const float*, int64_t) {
+                const float*, int64_t, int64_t) {
   TORCH_CHECK(false, "panel_gemm needs an x86-64 CPU with AVX-512");
 }
 #endif
 
-void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor& panels, float* c, int64_t ldc,
-                    PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias,
-                    int64_t a_col_stride) {
-  const int64_t P = panels.size(0), K = panels.size(1);
+namespace {
+
+// panel_gemm_all over P panels [K, 64] at panels + p * panel_stride, rows panel_ld apart.
+void strided_panel_gemm_all(const float* a, int64_t lda, int64_t rows, const float* pw, int64_t P, int64_t K,
+                            int64_t panel_stride, int64_t panel_ld, float* c, int64_t ldc,
+                            PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias,
+                            int64_t a_col_stride) {
   // Rows per tile: at most what keeps a tile's slice of `a` in L2 beside the panel, split evenly in multiples of the
   // 6-row block (64 rows as 60 + 4 left a slow 4-row tail to every panel).
   const int64_t max_tile_rows = std::max<int64_t>(6, 512 * 1024 / (4 * std::max<int64_t>(K, 1)));
   const int64_t even_split = std::max<int64_t>(1, (rows + max_tile_rows - 1) / max_tile_rows);
   const int64_t tile_rows = std::max<int64_t>(6, ((rows + even_split - 1) / even_split + 5) / 6 * 6);
   const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
-  const float* pw = panels.const_data_ptr<float>();
   at::parallel_for(0, row_tiles * P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile / P * tile_rows, p = tile % P;
-      panel_gemm(a + r0 * lda, lda, std::min(tile_rows, rows - r0), pw + p * K * 64, K, c + r0 * ldc, ldc,
-                 output(p, N), accumulate, bias, a_col_stride);
+      panel_gemm(a + r0 * lda, lda, std::min(tile_rows, rows - r0), pw + p * panel_stride, K, c + r0 * ldc, ldc,
+                 output(p, N), accumulate, bias, a_col_stride, panel_ld);
     }
   });
 }
 
-at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
-  if (!panel_gemm_supported(a) || a.size(0) > kMaxPanelDepth) return a.t().mm(b);
+}  // namespace
+
+void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor& panels, float* c, int64_t ldc,
+                    PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias,
+                    int64_t a_col_stride) {
+  const int64_t K = panels.size(1);
+  strided_panel_gemm_all(a, lda, rows, panels.const_data_ptr<float>(), panels.size(0), K, K * 64, 64, c, ldc, output,
+                         N, accumulate, bias, a_col_stride);
+}
+
+bool column_strips_serve(const at::Tensor& a, const at::Tensor& w) {
+  return panel_gemm_supported(a) && w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(1) % 64 == 0 &&
+         w.size(0) <= kMaxPanelDepth && reads_weight_in_place(a.size(0));
+}
+
+at::Tensor column_strips_product(const at::Tensor& a, const at::Tensor& w) {
   const at::Tensor ac = a.contiguous();
-  const int64_t M = ac.size(1), N = b.size(1);
-  const at::Tensor panels = pack_column_panels(b);
-  at::Tensor out = at::empty({M, N}, b.options());
-  panel_gemm_all(ac.const_data_ptr<float>(), 1, M, panels, out.data_ptr<float>(), N, column_panel_output, N,
-                 /*accumulate=*/false, nullptr, /*a_col_stride=*/M);
+  const int64_t M = ac.size(0), K = w.size(0), N = w.size(1);
+  at::Tensor out = at::empty({M, N}, a.options());
+  strided_panel_gemm_all(ac.const_data_ptr<float>(), K, M, w.const_data_ptr<float>(), N / 64, K, 64, N,
+                         out.data_ptr<float>(), N, column_panel_output, N, /*accumulate=*/false, nullptr, 1);
   return out;
 }
+
+void transposed_product_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) {
+  if (!panel_gemm_supported(a) || a.size(0) > kMaxPanelDepth) {
+    if (accumulate) out.addmm_(a.t(), b);
+    else at::mm_out(out, a.t(), b);
+    return;
+  }
+  // a is read in place in either layout, so a weight's transpose (w.t()) is never copied.
+  const at::Tensor ac = a.stride(0) == 1 || a.stride(1) == 1 ? a : a.contiguous();
+  const int64_t M = ac.size(1), N = b.size(1);
+  const at::Tensor panels = pack_column_panels(b);
+  panel_gemm_all(ac.const_data_ptr<float>(), ac.stride(1), M, panels, out.data_ptr<float>(), N, column_panel_output,
+                 N, accumulate, nullptr, /*a_col_stride=*/ac.stride(0));
+}
+
+at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(1), b.size(1)}, b.options());
+  transposed_product_out(a, b, out, /*accumulate=*/false);
+  return out;
+}
+
+bool reads_weight_in_place(int64_t rows) { return rows % 64 == 0; }
 
 }  // namespace fastseq2seq

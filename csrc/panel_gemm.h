@@ -43,8 +43,10 @@ PanelOutput column_panel_output(int64_t panel, int64_t N);
 // c[r, out] = a[r, :K] @ panel (+ c[r, out] if accumulate) (+ bias[out] if bias) for r < rows; a[r, k] at
 // a[r * lda + k * a_col_stride] (a_col_stride > 1: a transposed operand such as grad_gates^T), c row-major with
 // leading dimension ldc, bias laid out like a row of c.
+// panel_ld: the distance between a panel's rows (64 when packed).
 void panel_gemm(const float* a, int64_t lda, int64_t rows, const float* panel, int64_t K, float* c, int64_t ldc,
-                const PanelOutput& out, bool accumulate, const float* bias = nullptr, int64_t a_col_stride = 1);
+                const PanelOutput& out, bool accumulate, const float* bias = nullptr, int64_t a_col_stride = 1,
+                int64_t panel_ld = 64);
 
 // The same over all rows and all panels [P, K, 64] of one packed weight, in parallel over tiles of rows x panels
 // (each tile's rows and panel fit in a core's L2); output(p, N) places panel p.
@@ -52,8 +54,22 @@ void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor&
                     PanelOutput (*output)(int64_t, int64_t), int64_t N, bool accumulate, const float* bias = nullptr,
                     int64_t a_col_stride = 1);
 
-// a^T @ b for a [K, M] and b [K, N]: a weight's gradient, grad^T @ x, for a batch of rows. In fp32 on AVX-512
-// with K <= kMaxPanelDepth, b's columns packed into panels here and a read transposed in place; else at::mm.
+// a^T @ b for a [K, M] and b [K, N]: a weight's gradient, grad^T @ x, for a batch of rows; or, with a = w^T, the
+// transpose of a product x @ w^T. In fp32 on AVX-512 with K <= kMaxPanelDepth, b's columns packed into panels here
+// and a read in place (either layout: a weight's transpose is not copied); else at::mm. The _out form writes (or adds
+// to) a contiguous out [M, N].
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b);
+void transposed_product_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate);
+
+// a [M, K] @ w [K, N] with w read in place, its columns in strips of 64 (each K x 64, rows N apart) taken as
+// panels: for a weight used once, which packing would read and write whole. Serves when M and N are multiples of 64,
+// w is contiguous and K <= kMaxPanelDepth, in fp32 on AVX-512.
+bool column_strips_serve(const at::Tensor& a, const at::Tensor& w);
+at::Tensor column_strips_product(const at::Tensor& a, const at::Tensor& w);
+
+// Whether a product of `rows` rows with a weight used once (outside a constant-weights scope) reads the weight in
+// place (transposed_product with a = w^T, column_strips_product) rather than have MKL pack it: for multiples of 64
+// rows, which fill the panels of the rows; measured at 64 to 256 rows.
+bool reads_weight_in_place(int64_t rows);
 
 }  // namespace fastseq2seq

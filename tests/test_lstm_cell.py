@@ -5,7 +5,9 @@ from conftest import LSTM_BAD_INPUTS, assert_close, backend_cases, interpreted_t
 import fastseq2seq
 from fastseq2seq.ops import lstm_cell, lstm_cell_reference
 
-SHAPES = [(1, 1, 1), (3, 5, 37), (2, 130, 257), (17, 16, 64)]  # (B, I, H): sizes off every block size
+# (B, I, H): sizes off every block size; B = 64 with I, H multiples of 64 takes the cpu paths that read the weights in
+# place (outside a constant-weights scope)
+SHAPES = [(1, 1, 1), (3, 5, 37), (2, 130, 257), (17, 16, 64), (64, 128, 64)]
 
 
 def make_inputs(B, I, H, dtype, device, bias=True, seed=0):
