@@ -17,24 +17,9 @@ namespace {
 
 // Scores held at once: the running softmax rescales the context accumulator once per tile, not per position.
 constexpr int64_t kTileS = 64;
-constexpr int64_t kPartials = 32;
 // Query rows of one batch element that share each load of a key and of a value row.
 constexpr int64_t kRowGroup = 4;
 
-
-// sum over i < n of term(i), in independent partial sums: one running sum would wait on each add's latency.
-template <typename T, typename Term>
-FS2S_ROW_INLINE T sum_of(int64_t n, Term term) {
-  T partial[kPartials] = {};
-  int64_t i = 0;
-  for (; i + kPartials <= n; i += kPartials)
-#pragma omp simd
-    for (int64_t j = 0; j < kPartials; ++j) partial[j] += term(i + j);
-  T sum = 0;
-  for (; i < n; ++i) sum += term(i);
-  for (int64_t j = 0; j < kPartials; ++j) sum += partial[j];
-  return sum;
-}
 
 template <typename T>
 FS2S_ROW_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu_dispatch.h"
+
 namespace fastseq2seq {
 
 // exp(x) without a range check: 2^n times a polynomial in the remainder. x must lie in [-87, 88].
@@ -68,5 +70,20 @@ inline float tanh_vectorizable(float x) {
   return std::copysign((1.0f - e) / (1.0f + e), x);
 }
 inline double tanh_vectorizable(double x) { return std::tanh(x); }
+
+// sum over i < n of term(i), in independent partial sums: one running sum would wait on each add's latency.
+template <typename T, typename Term>
+FS2S_ROW_INLINE T sum_of(int64_t n, Term term) {
+  constexpr int64_t kPartials = 32;
+  T partial[kPartials] = {};
+  int64_t i = 0;
+  for (; i + kPartials <= n; i += kPartials)
+#pragma omp simd
+    for (int64_t j = 0; j < kPartials; ++j) partial[j] += term(i + j);
+  T sum = 0;
+  for (; i < n; ++i) sum += term(i);
+  for (int64_t j = 0; j < kPartials; ++j) sum += partial[j];
+  return sum;
+}
 
 }  // namespace fastseq2seq
