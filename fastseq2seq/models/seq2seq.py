@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastseq2seq.models import decoding
 from fastseq2seq.nn import LSTM, Attention, LSTMCell, PrecomputedKeys
-from fastseq2seq.ops import constant_weights, linear, linear_argmax, lstm_layer
+from fastseq2seq.ops import constant_weights, cross_entropy, linear, linear_argmax, lstm_layer
 
 ATTENTION_KINDS = {"bahdanau": "additive", "luong-dot": "dot", "luong-general": "general"}
 
@@ -193,6 +193,6 @@ def sequence_loss(logits: Tensor, target: Tensor, *, pad_id=0, label_smoothing=0
     target tokens. Returns (loss, number of non-padding tokens)."""
     n_tokens = (target != pad_id).sum()
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half-precision logits: sum in float32
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=pad_id,
-                           label_smoothing=label_smoothing, reduction="sum")
-    return loss / n_tokens.clamp(min=1), n_tokens
+    losses = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=pad_id,
+                           label_smoothing=label_smoothing)
+    return losses.sum() / n_tokens.clamp(min=1), n_tokens
