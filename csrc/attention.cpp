@@ -246,12 +246,16 @@ template <typename T>
 FS2S_ROW_INLINE void attention_bwd_rows(const AttentionRows<T>& a, int64_t b0, int64_t b1) {
   std::vector<T> p(a.S), dp(a.S);
   const int64_t Tq = a.Tq, S = a.S, D = a.D, Dv = a.Dv;
-  for (int64_t b = b0; b < b1; ++b)
+  for (int64_t b = b0; b < b1; ++b) {
+    // Zeroed here, just before this element's passes accumulate into them in cache, not as a separate pass.
+    std::fill(a.grad_keys + b * S * D, a.grad_keys + (b + 1) * S * D, T(0));
+    std::fill(a.grad_values + b * S * Dv, a.grad_values + (b + 1) * S * Dv, T(0));
     attention_bwd_batch(a.query + b * Tq * D, a.keys + b * S * D, a.values + b * S * Dv,
                         a.mask ? a.mask + b * S : nullptr, a.v, a.grad_context + b * Tq * Dv,
                         a.grad_weights ? a.grad_weights + b * Tq * S : nullptr, a.lse + b * Tq, Tq, S, D, Dv,
                         a.grad_query + b * Tq * D, a.grad_keys + b * S * D, a.grad_values + b * S * Dv,
                         a.grad_v_partial ? a.grad_v_partial + b * D : nullptr, p.data(), dp.data());
+  }
 }
 
 template <typename T>
@@ -351,8 +355,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor m = mask ? mask->contiguous() : at::Tensor(), vv = v ? v->contiguous() : at::Tensor(),
                    gw = grad_weights ? grad_weights->contiguous() : at::Tensor();
   at::Tensor grad_query = at::empty({B, Tq, D}, query.options());
-  at::Tensor grad_keys = at::zeros({B, S, D}, query.options());
-  at::Tensor grad_values = at::zeros({B, S, Dv}, query.options());
+  at::Tensor grad_keys = at::empty({B, S, D}, query.options());
+  at::Tensor grad_values = at::empty({B, S, Dv}, query.options());
   // Each batch element adds its share of grad_v into its own row: no two threads write one element.
   at::Tensor grad_v_partial = at::zeros({v ? B : 0, D}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "attention_bwd_cpu", [&] {
