@@ -123,7 +123,12 @@ class Seq2Seq(torch.nn.Module):
     def decode_step(self, y_prev: Tensor, state: DecoderState, memory: EncoderMemory, return_weights=False):
         """One step for tokens y_prev [B] -> (attentional vector [B, A], new state, attention weights [B, S] or
         None). The output layer is applied by the caller (once for all steps under teacher forcing)."""
-        inputs = [F.dropout(self.tgt_embedding(y_prev), self.dropout, self.training)]
+        embedded = F.dropout(self.tgt_embedding(y_prev), self.dropout, self.training)
+        return self.step_from_embedding(embedded, state, memory, return_weights)
+
+    def step_from_embedding(self, embedded: Tensor, state: DecoderState, memory: EncoderMemory, return_weights=False):
+        """decode_step from the embedded (and dropped-out) previous tokens [B, E]."""
+        inputs = [embedded]
         if self.bahdanau:
             context, weights = self._attend(state.h[-1], memory, return_weights)
             inputs.append(context)
@@ -160,9 +165,11 @@ class Seq2Seq(torch.nn.Module):
         if not self.bahdanau and not self.input_feeding:
             vectors = self._decode_all_steps(tgt_in, state, memory)
         else:
+            # All steps' tokens embedded at once: one embedding backward, not a dense [V, E] gradient per step.
+            embedded = F.dropout(self.tgt_embedding(tgt_in), self.dropout, self.training)
             steps = []
-            for t in range(tgt_in.shape[1]):
-                vector, state, _ = self.decode_step(tgt_in[:, t], state, memory)
+            for step_input in embedded.unbind(1):
+                vector, state, _ = self.step_from_embedding(step_input, state, memory)
                 steps.append(vector)
             vectors = torch.stack(steps, dim=1)
         return self.logits(vectors)
