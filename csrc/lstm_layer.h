@@ -7,6 +7,7 @@
 
 #include "checks.h"
 #include "lstm_cell.h"
+#include "panel_gemm.h"
 
 namespace fastseq2seq {
 
@@ -77,15 +78,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
   } else if (T == 0) {
     grad_hx.add_(grad_h_n);
   }
-  at::Tensor grad_w_hh = at::mm(grad_gates_first.t(), hx);
+  // The large products as a^T @ b (transposed_product: the panel kernel on the CPU, at::mm elsewhere).
+  at::Tensor grad_w_hh = transposed_product(grad_gates_first, hx);
   if (T > 1) {
     // Every other step's h_{t-1} is the output of the step before it; a row's step after its last outputs zero.
     const at::Tensor later = grad_gates_2d.narrow(0, reverse ? 0 : B, (T - 1) * B);
     const at::Tensor h_prev = output.reshape({T * B, H}).narrow(0, reverse ? B : 0, (T - 1) * B);
-    grad_w_hh.addmm_(later.t(), h_prev);
+    transposed_product_out(later, h_prev, grad_w_hh, /*accumulate=*/true);
   }
-  return {at::mm(grad_gates_2d, w_ih).view({T, B, I}), grad_hx, grad_cx,
-          at::mm(grad_gates_2d.t(), input.reshape({T * B, I})), grad_w_hh, grad_gates_2d.sum(0)};
+  return {transposed_product(grad_gates_2d.t(), w_ih).view({T, B, I}), grad_hx, grad_cx,
+          transposed_product(grad_gates_2d, input.reshape({T * B, I})), grad_w_hh, grad_gates_2d.sum(0)};
 }
 
 }  // namespace fastseq2seq

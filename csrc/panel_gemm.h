@@ -18,7 +18,7 @@ struct PanelOutput {
   uint16_t lanes[4];
 };
 
-// fp32 on a CPU with AVX-512.
+// fp32 on a CPU with AVX-512 (t on the CPU).
 bool panel_gemm_supported(const at::Tensor& t);
 
 // The deepest product the panels serve well: a panel [K, 64] stays in L2 while a tile's rows stream over it (the
@@ -55,9 +55,9 @@ void panel_gemm_all(const float* a, int64_t lda, int64_t rows, const at::Tensor&
                     int64_t a_col_stride = 1);
 
 // a^T @ b for a [K, M] and b [K, N]: a weight's gradient, grad^T @ x, for a batch of rows; or, with a = w^T, the
-// transpose of a product x @ w^T. In fp32 on AVX-512 with K <= kMaxPanelDepth, b's columns packed into panels here
-// and a read in place (either layout: a weight's transpose is not copied); else at::mm. The _out form writes (or adds
-// to) a contiguous out [M, N].
+// transpose of a product x @ w^T; or, with a = g^T, the product g @ b. In fp32 on a CPU with AVX-512, b's columns
+// packed into panels here (K in slices of at most kMaxPanelDepth) and a read in place (either layout: a weight's
+// transpose is not copied); else at::mm. The _out form writes (or adds to) a contiguous out [M, N].
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b);
 void transposed_product_out(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate);
 
