@@ -1,6 +1,7 @@
 // The extension is compiled for baseline x86-64 (SSE2). Hot row loops are written once as FS2S_ROW_INLINE bodies and
-// instantiated twice: a baseline entry point and one compiled for AVX2+FMA, chosen at run time when the CPU has it.
-// The panel GEMM (panel_gemm.h) is AVX-512 code under FS2S_TARGET_AVX512, used only where cpu_has_avx512() holds.
+// instantiated per instruction set: a baseline entry point and one compiled for AVX2+FMA (some also for AVX-512),
+// chosen at run time by what the CPU has (for_this_cpu). The panel GEMM (panel_gemm.h) is AVX-512 code under
+// FS2S_TARGET_AVX512, used only where cpu_has_avx512() holds.
 #pragma once
 
 #define FS2S_ROW_INLINE [[gnu::always_inline]] inline
@@ -20,8 +21,17 @@ inline bool cpu_has_avx512() {
 }  // namespace fastseq2seq
 #else
 #define FS2S_TARGET_AVX2
+#define FS2S_TARGET_AVX512
 namespace fastseq2seq {
 inline bool cpu_has_avx2() { return false; }
 inline bool cpu_has_avx512() { return false; }
 }  // namespace fastseq2seq
 #endif
+
+namespace fastseq2seq {
+// The build of a row loop for this CPU: AVX-512, else AVX2+FMA, else baseline.
+template <typename F>
+F for_this_cpu(F avx512, F avx2, F baseline) {
+  return cpu_has_avx512() ? avx512 : cpu_has_avx2() ? avx2 : baseline;
+}
+}  // namespace fastseq2seq

@@ -98,6 +98,8 @@ FS2S_ROW_INLINE void lstm_cell_bwd_row_body(const T* __restrict gates, const T* 
   }
 }
 
+// Builds of the row loops for each instruction set; the entry points below pick one per CPU (AVX-512: one vector of
+// 16 floats per 16 units, the layer's panel width).
 template <typename T, bool kBias>
 void lstm_cell_fwd_row_baseline(T* gates, const T* b_ih, const T* b_hh, const T* c_prev, T* c, T* h, int64_t n,
                                 int64_t gate_stride) {
@@ -106,6 +108,11 @@ void lstm_cell_fwd_row_baseline(T* gates, const T* b_ih, const T* b_hh, const T*
 template <typename T, bool kBias>
 FS2S_TARGET_AVX2 void lstm_cell_fwd_row_avx2(T* gates, const T* b_ih, const T* b_hh, const T* c_prev, T* c, T* h,
                                              int64_t n, int64_t gate_stride) {
+  lstm_cell_fwd_row_body<T, kBias>(gates, b_ih, b_hh, c_prev, c, h, n, gate_stride);
+}
+template <typename T, bool kBias>
+FS2S_TARGET_AVX512 void lstm_cell_fwd_row_avx512(T* gates, const T* b_ih, const T* b_hh, const T* c_prev, T* c, T* h,
+                                                 int64_t n, int64_t gate_stride) {
   lstm_cell_fwd_row_body<T, kBias>(gates, b_ih, b_hh, c_prev, c, h, n, gate_stride);
 }
 template <typename T>
@@ -119,21 +126,27 @@ FS2S_TARGET_AVX2 void lstm_cell_bwd_row_avx2(const T* gates, const T* c_prev, co
                                              int64_t gate_stride) {
   lstm_cell_bwd_row_body(gates, c_prev, c, grad_h, grad_c, grad_gates, grad_c_prev, n, gate_stride);
 }
+template <typename T>
+FS2S_TARGET_AVX512 void lstm_cell_bwd_row_avx512(const T* gates, const T* c_prev, const T* c, const T* grad_h,
+                                                 const T* grad_c, T* grad_gates, T* grad_c_prev, int64_t n,
+                                                 int64_t gate_stride) {
+  lstm_cell_bwd_row_body(gates, c_prev, c, grad_h, grad_c, grad_gates, grad_c_prev, n, gate_stride);
+}
 
-// The entry points: b_ih/b_hh null for no bias; the AVX2 build of the loop where the CPU has it. A whole row is
-// n = gate_stride = H.
+// The entry points: b_ih/b_hh null for no bias. A whole row is n = gate_stride = H.
 template <typename T>
 inline void lstm_cell_fwd_row(T* gates, const T* b_ih, const T* b_hh, const T* c_prev, T* c, T* h, int64_t n,
                               int64_t gate_stride) {
-  const bool avx2 = cpu_has_avx2();
-  const auto run = b_ih ? (avx2 ? lstm_cell_fwd_row_avx2<T, true> : lstm_cell_fwd_row_baseline<T, true>)
-                        : (avx2 ? lstm_cell_fwd_row_avx2<T, false> : lstm_cell_fwd_row_baseline<T, false>);
+  const auto run = b_ih ? for_this_cpu(lstm_cell_fwd_row_avx512<T, true>, lstm_cell_fwd_row_avx2<T, true>,
+                                       lstm_cell_fwd_row_baseline<T, true>)
+                        : for_this_cpu(lstm_cell_fwd_row_avx512<T, false>, lstm_cell_fwd_row_avx2<T, false>,
+                                       lstm_cell_fwd_row_baseline<T, false>);
   run(gates, b_ih, b_hh, c_prev, c, h, n, gate_stride);
 }
 template <typename T>
 inline void lstm_cell_bwd_row(const T* gates, const T* c_prev, const T* c, const T* grad_h, const T* grad_c,
                               T* grad_gates, T* grad_c_prev, int64_t n, int64_t gate_stride) {
-  const auto run = cpu_has_avx2() ? lstm_cell_bwd_row_avx2<T> : lstm_cell_bwd_row_baseline<T>;
+  const auto run = for_this_cpu(lstm_cell_bwd_row_avx512<T>, lstm_cell_bwd_row_avx2<T>, lstm_cell_bwd_row_baseline<T>);
   run(gates, c_prev, c, grad_h, grad_c, grad_gates, grad_c_prev, n, gate_stride);
 }
 

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -167,20 +168,44 @@ void forward_recurrence(at::Tensor& gates, at::Tensor& cells, at::Tensor& output
       const at::Tensor panels = pack_gate_panels(w_hh);
       const int64_t P = panels.size(0);
       const float* pw = panels.const_data_ptr<float>();
-      at::Tensor h_spare = at::empty_like(h_n);
-      float *h_prev = h_n.data_ptr<float>(), *h_next = h_spare.data_ptr<float>();
+      // When every row runs all T steps, a step reads h_{t-1} and c_{t-1} where the step before wrote them (output,
+      // cells) and the final state is copied once at the end; else a row past its length carries its state, which
+      // therefore runs in h_n / c_n (and a spare h buffer) for every row.
+      const bool full_length = std::all_of(length.begin(), length.end(), [T](int64_t l) { return l == T; });
+      at::Tensor h_spare = full_length ? at::Tensor() : at::empty_like(h_n);
+      float *h_prev = h_n.data_ptr<float>(), *h_next = full_length ? nullptr : h_spare.data_ptr<float>();
+      const float* c_prev = pcn;
       for (int64_t s = 0; s < T; ++s) {
         const int64_t t = reverse ? T - 1 - s : s;
         at::parallel_for(0, P, panel_grain(P), [&](int64_t p0, int64_t p1) {
           for (int64_t p = p0; p < p1; ++p) {
+            const int64_t j0 = 16 * p, n = std::min<int64_t>(16, H - j0);
             panel_gemm(h_prev, H, B, pw + p * H * 64, H, pg + t * B * 4 * H, 4 * H, gate_panel_output(p, H),
                        /*accumulate=*/true);
-            update_rows(t, 16 * p, std::min<int64_t>(16, H - 16 * p), h_prev, h_next, 0, B);
+            if (!full_length) {
+              update_rows(t, j0, n, h_prev, h_next, 0, B);
+              continue;
+            }
+            for (int64_t b = 0; b < B; ++b) {
+              const int64_t row = t * B + b;
+              lstm_cell_fwd_row<float>(pg + row * 4 * H + j0, nullptr, nullptr, c_prev + b * H + j0,
+                                       pc + row * H + j0, pout + row * H + j0, n, H);
+            }
           }
         });
-        std::swap(h_prev, h_next);
+        if (full_length) {
+          h_prev = pout + t * B * H;
+          c_prev = pc + t * B * H;
+        } else {
+          std::swap(h_prev, h_next);
+        }
       }
-      if (h_prev != h_n.data_ptr<float>()) h_n.copy_(h_spare);
+      if (full_length) {
+        h_n.copy_(output.select(0, reverse ? 0 : T - 1));
+        c_n.copy_(cells.select(0, reverse ? 0 : T - 1));
+      } else if (h_prev != h_n.data_ptr<float>()) {
+        h_n.copy_(h_spare);
+      }
       return;
     }
   }
