@@ -32,14 +32,43 @@ void pack_lane_group(const float* rows, int64_t K, int64_t count, float* dst) {
 }
 
 #ifdef FS2S_X86
-// The same with one masked gather of 16 rows per k (several times faster than the scalar transpose).
+// In place: row j of the 16 x 16 block v becomes its column j.
+FS2S_TARGET_AVX512 void transpose_16x16(__m512 v[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // interleave pairs of rows: 2x2 blocks of floats
+    t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // then pairs of those: 4x4 blocks within each 128-bit lane
+    for (int j = 0; j < 2; ++j) {
+      const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
+      v[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      v[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  }
+  for (int i = 0; i < 8; ++i) {  // then 128-bit lanes across rows 4 apart, twice
+    const int a = (i / 4) * 8 + i % 4;
+    t[a] = _mm512_shuffle_f32x4(v[a], v[a + 4], 0x88);
+    t[a + 4] = _mm512_shuffle_f32x4(v[a], v[a + 4], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// The same as pack_lane_group with 16 x 16 blocks transposed in registers (the scalar transpose and a gather per k
+// are several times slower).
 FS2S_TARGET_AVX512 void pack_lane_group_avx512(const float* rows, int64_t K, int64_t count, float* dst) {
-  alignas(64) int32_t offsets[16];
-  for (int i = 0; i < 16; ++i) offsets[i] = static_cast<int32_t>(i * K);
-  const __m512i index = _mm512_load_si512(offsets);
-  const auto mask = static_cast<__mmask16>((1u << count) - 1u);
-  for (int64_t k = 0; k < K; ++k)
-    _mm512_storeu_ps(dst + k * 64, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, index, rows + k, 4));
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t width = std::min<int64_t>(16, K - k0);
+    const auto mask = static_cast<__mmask16>((1u << width) - 1u);
+    __m512 v[16];
+    for (int64_t i = 0; i < 16; ++i)
+      v[i] = i < count ? _mm512_maskz_loadu_ps(mask, rows + i * K + k0) : _mm512_setzero_ps();
+    transpose_16x16(v);
+    for (int64_t j = 0; j < width; ++j) _mm512_storeu_ps(dst + (k0 + j) * 64, v[j]);
+  }
 }
 #endif
 
@@ -47,7 +76,6 @@ FS2S_TARGET_AVX512 void pack_lane_group_avx512(const float* rows, int64_t K, int
 template <typename GroupOf>
 at::Tensor pack_transposed_panels(const at::Tensor& w, int64_t P, GroupOf group_of) {
   const int64_t K = w.size(1);
-  TORCH_CHECK(K * 16 <= std::numeric_limits<int32_t>::max(), "fastseq2seq: panel packing needs K < 2^27, got ", K);
   const at::Tensor src = w.contiguous();
   at::Tensor panels = at::empty({P, K, 64}, w.options());
   const float* pw = src.const_data_ptr<float>();
