@@ -67,7 +67,12 @@ std::optional<at::Tensor> scoped_weight_panels(const at::Tensor& w, PanelLayout 
 
 at::Tensor times_weight(const at::Tensor& a, const at::Tensor& w) {
   const auto panels = scoped_weight_panels(w, PanelLayout::kColumns);
-  if (!panels) return column_strips_serve(a, w) ? column_strips_product(a, w) : a.mm(w);
+  if (!panels) {
+    if (column_strips_serve(a, w)) return column_strips_product(a, w);
+    // Deeper than panels are kept (an output layer's input gradient: K = the vocabulary): packed per slice of K
+    // (measured [1920, 8000] @ [8000, 512]: 72 ms against MKL's 79).
+    return w.size(0) > kMaxPanelDepth ? transposed_product(a.t(), w) : a.mm(w);
+  }
   const at::Tensor ac = a.contiguous();
   const int64_t M = ac.size(0), N = w.size(1);
   at::Tensor out = at::empty({M, N}, a.options());

@@ -24,7 +24,8 @@ enum class PanelLayout {
 std::optional<at::Tensor> scoped_weight_panels(const at::Tensor& w, PanelLayout layout);
 
 // a [M, K] @ w [K, N], the input gradient of a product with a weight: over w's panels when the scope has them
-// (layout kColumns), else at::mm.
+// (layout kColumns), else over w's column strips in place (column_strips_serve), else at::mm, or for K deeper than
+// kMaxPanelDepth transposed_product's slices.
 at::Tensor times_weight(const at::Tensor& a, const at::Tensor& w);
 
 }  // namespace fastseq2seq

@@ -10,8 +10,9 @@ from fastseq2seq.ops import constant_weights, linear, linear_argmax, linear_argm
 
 HAS_CPU_BACKEND = "cpu" in fastseq2seq.available_backends("cpu")
 needs_cpu_backend = pytest.mark.skipif(not HAS_CPU_BACKEND, reason="the cpu backend is not built")
-# (M, K, N): rows off the 6-row block, K from 1 up, N off the 64-column panel (and under one panel).
-SHAPES = [(1, 1, 1), (5, 17, 63), (7, 33, 65), (64, 512, 130), (67, 100, 64), (130, 24, 200)]
+# (M, K, N): rows off the 6-row block, K from 1 up, N off the 64-column panel (and under one panel); N past
+# kMaxPanelDepth (2048), the depth of the input gradient, which then runs in slices.
+SHAPES = [(1, 1, 1), (5, 17, 63), (7, 33, 65), (64, 512, 130), (67, 100, 64), (130, 24, 200), (6, 8, 4100)]
 
 
 def make_inputs(M, K, N, dtype=torch.float32, bias=True, seed=0):
