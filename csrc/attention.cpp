@@ -265,9 +265,17 @@ FS2S_TARGET_AVX2 void attention_fwd_rows_avx2(const AttentionRows<T>& a, int64_t
   attention_fwd_rows(a, r0, r1);
 }
 template <typename T>
+FS2S_TARGET_AVX512 void attention_fwd_rows_avx512(const AttentionRows<T>& a, int64_t r0, int64_t r1) {
+  attention_fwd_rows(a, r0, r1);
+}
+template <typename T>
 void attention_bwd_rows_baseline(const AttentionRows<T>& a, int64_t b0, int64_t b1) { attention_bwd_rows(a, b0, b1); }
 template <typename T>
 FS2S_TARGET_AVX2 void attention_bwd_rows_avx2(const AttentionRows<T>& a, int64_t b0, int64_t b1) {
+  attention_bwd_rows(a, b0, b1);
+}
+template <typename T>
+FS2S_TARGET_AVX512 void attention_bwd_rows_avx512(const AttentionRows<T>& a, int64_t b0, int64_t b1) {
   attention_bwd_rows(a, b0, b1);
 }
 
@@ -298,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tenso
     rows.context = context.data_ptr<scalar_t>();
     rows.weights = return_weights ? weights.data_ptr<scalar_t>() : nullptr;
     rows.out_lse = lse.data_ptr<scalar_t>();
-    const auto run = cpu_has_avx2() ? attention_fwd_rows_avx2<scalar_t> : attention_fwd_rows_baseline<scalar_t>;
+    const auto run = for_this_cpu(attention_fwd_rows_avx512<scalar_t>, attention_fwd_rows_avx2<scalar_t>,
+                                  attention_fwd_rows_baseline<scalar_t>);
     at::parallel_for(0, B * Tq, grain, [&](int64_t r0, int64_t r1) { run(rows, r0, r1); });
   });
   return {context, weights, lse};
@@ -374,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     rows.grad_keys = grad_keys.data_ptr<scalar_t>();
     rows.grad_values = grad_values.data_ptr<scalar_t>();
     rows.grad_v_partial = v ? grad_v_partial.data_ptr<scalar_t>() : nullptr;
-    const auto run = cpu_has_avx2() ? attention_bwd_rows_avx2<scalar_t> : attention_bwd_rows_baseline<scalar_t>;
+    const auto run = for_this_cpu(attention_bwd_rows_avx512<scalar_t>, attention_bwd_rows_avx2<scalar_t>,
+                                  attention_bwd_rows_baseline<scalar_t>);
     // Rows of one batch element share their keys' and values' gradients: split the work by batch element.
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { run(rows, b0, b1); });
   });

@@ -103,11 +103,16 @@ template <typename T, bool kBackward>
 FS2S_TARGET_AVX2 void cross_entropy_rows_avx2(const CrossEntropyRows<T>& a, int64_t r0, int64_t r1) {
   cross_entropy_rows<T, kBackward>(a, r0, r1);
 }
+template <typename T, bool kBackward>
+FS2S_TARGET_AVX512 void cross_entropy_rows_avx512(const CrossEntropyRows<T>& a, int64_t r0, int64_t r1) {
+  cross_entropy_rows<T, kBackward>(a, r0, r1);
+}
 
-// All N rows in parallel, about 64K logits per task, on the AVX2 build where the CPU has it.
+// All N rows in parallel, about 64K logits per task, on the build for this CPU.
 template <typename T, bool kBackward>
 void run_cross_entropy_rows(const CrossEntropyRows<T>& rows, int64_t N) {
-  const auto run = cpu_has_avx2() ? cross_entropy_rows_avx2<T, kBackward> : cross_entropy_rows_baseline<T, kBackward>;
+  const auto run = for_this_cpu(cross_entropy_rows_avx512<T, kBackward>, cross_entropy_rows_avx2<T, kBackward>,
+                                cross_entropy_rows_baseline<T, kBackward>);
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / rows.V), [&](int64_t r0, int64_t r1) { run(rows, r0, r1); });
 }
 
