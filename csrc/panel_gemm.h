@@ -22,7 +22,8 @@ struct PanelOutput {
 bool panel_gemm_supported(const at::Tensor& t);
 
 // The deepest product the panels serve well: a panel [K, 64] stays in L2 while a tile's rows stream over it (the
-// kernel does not block K); deeper products are left to MKL.
+// kernel does not block K); transposed_product runs deeper products in slices of K, the other entry points leave
+// them to MKL.
 constexpr int64_t kMaxPanelDepth = 2048;
 
 // The panels of w^T [K, 4H] for a gate weight w [4H, K] (forward: x @ w_ih^T, h_{t-1} @ w_hh^T) with the columns
