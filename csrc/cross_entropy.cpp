@@ -136,17 +136,24 @@ void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target
                    ", outside [0, ", V, ") and not ignore_index ", ignore_index);
 }
 
+// The inputs both passes read: contiguous logits x [N, V] and target t [N].
+template <typename T>
+CrossEntropyRows<T> input_rows(const at::Tensor& x, const at::Tensor& t, int64_t ignore_index, double label_smoothing) {
+  CrossEntropyRows<T> rows{};
+  rows.logits = x.const_data_ptr<T>();
+  rows.target = t.const_data_ptr<int64_t>();
+  rows.V = x.size(1), rows.ignore_index = ignore_index, rows.smoothing = static_cast<T>(label_smoothing);
+  return rows;
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                          int64_t ignore_index, double label_smoothing) {
   check_cross_entropy_args(logits, target, ignore_index, label_smoothing);
   const at::Tensor x = logits.contiguous(), t = target.contiguous();
-  const int64_t N = x.size(0), V = x.size(1);
+  const int64_t N = x.size(0);
   at::Tensor loss = at::empty({N}, x.options()), lse = at::empty({N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cross_entropy_fwd_cpu", [&] {
-    CrossEntropyRows<scalar_t> rows{};
-    rows.logits = x.const_data_ptr<scalar_t>();
-    rows.target = t.const_data_ptr<int64_t>();
-    rows.V = V, rows.ignore_index = ignore_index, rows.smoothing = static_cast<scalar_t>(label_smoothing);
+    CrossEntropyRows<scalar_t> rows = input_rows<scalar_t>(x, t, ignore_index, label_smoothing);
     rows.loss = loss.data_ptr<scalar_t>(), rows.lse = lse.data_ptr<scalar_t>();
     run_cross_entropy_rows<scalar_t, false>(rows, N);
   });
@@ -164,10 +171,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   const at::Tensor x = logits.contiguous(), t = target.contiguous(), g = grad_loss.contiguous(), l = lse.contiguous();
   at::Tensor grad_logits = at::empty({N, V}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cross_entropy_bwd_cpu", [&] {
-    CrossEntropyRows<scalar_t> rows{};
-    rows.logits = x.const_data_ptr<scalar_t>();
-    rows.target = t.const_data_ptr<int64_t>();
-    rows.V = V, rows.ignore_index = ignore_index, rows.smoothing = static_cast<scalar_t>(label_smoothing);
+    CrossEntropyRows<scalar_t> rows = input_rows<scalar_t>(x, t, ignore_index, label_smoothing);
     rows.grad_loss = g.const_data_ptr<scalar_t>(), rows.in_lse = l.const_data_ptr<scalar_t>();
     rows.grad_logits = grad_logits.data_ptr<scalar_t>();
     run_cross_entropy_rows<scalar_t, true>(rows, N);
